@@ -1,0 +1,27 @@
+# Two commands for a newcomer: `make demo` (the main job on the embedded default) and
+# `make test` (the test suite). Both create or reuse .venv and install the pinned dependencies.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+OUT    ?= out/demo
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/zmagic demo --out $(OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python experiments/bench_schemes.py --out experiments/results/bench_schemes.json
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,33 @@
+"""Shared fixtures: small closed-form denoisers used across the suite."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+
+def mlp_eps_fn(key, dim, hidden=16, dtype=jnp.float32):
+    """A small random MLP noise predictor: its Jacobian is not symmetric, as for a real network."""
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    w1 = jax.random.normal(k1, (hidden, dim), dtype) / jnp.sqrt(dim)
+    b1 = 0.1 * jax.random.normal(k2, (hidden,), dtype)
+    w2 = jax.random.normal(k3, (dim, hidden), dtype) / jnp.sqrt(hidden)
+    wt = jax.random.normal(k4, (hidden,), dtype)
+
+    def eps_fn(x, t):
+        h = jnp.tanh(w1 @ x + b1 + wt * jnp.sin(jnp.asarray(t, dtype) / 100.0))
+        return 0.5 * x + w2 @ h
+    return eps_fn
+
+
+def gaussian_eps_fn(schedule, mean, var):
+    """Exact eps of the VP marginals of a Gaussian prior N(mean, diag(var))."""
+    def eps_fn(x, t):
+        ab = schedule.alphas_cumprod[t]
+        score = -(x - jnp.sqrt(ab) * mean) / (ab * var + 1.0 - ab)
+        return -jnp.sqrt(1.0 - ab) * score
+    return eps_fn
+
+
+@pytest.fixture
+def x64():
+    with jax.experimental.enable_x64():
+        yield

@@ -1,0 +1,70 @@
+"""Gradient geometry of multi-condition guidance (Z-Magic Figs. 1-3).
+
+* per-step cosines between guidance terms come from :class:`GuidanceInfo.cosine` (Fig. 1);
+* per-condition energies along the trajectory from :class:`GuidanceInfo.energies` (Fig. 3);
+* :func:`loss_landscape` evaluates every condition's energy at ``x0|t`` over a 2-D plane
+  through ``x_t`` (Fig. 2; the paper projects random samples by PCA, we slice the plane spanned
+  by two chosen directions, e.g. the independent and the dependent guidance directions).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zmagic_jax.schemes._conditions import Condition, energy_vector
+
+
+def guided_cosines(trace) -> np.ndarray:
+    """Cosines of the guided steps as a ``(batch, steps)`` array with NaN on unguided steps."""
+    cos = np.asarray(trace.cosine, np.float64)
+    return np.where(np.asarray(trace.guided), cos, np.nan)
+
+
+def mean_guided_cosine(trace) -> float:
+    """Mean over samples and guided steps of the step cosine (NaN if no step was guided)."""
+    cos = guided_cosines(trace)
+    return float(np.nanmean(cos)) if np.isfinite(cos).any() else float("nan")
+
+
+def energy_curves(trace):
+    """Per-step mean and std over the batch of each condition's energy: two ``(steps, n)`` arrays."""
+    e = np.asarray(trace.energies, np.float64)
+    return e.mean(axis=0), e.std(axis=0)
+
+
+def orthonormal_plane(u, v):
+    """Gram-Schmidt basis of span(u, v); if v is (nearly) parallel to u, a fixed orthogonal direction."""
+    u = u.reshape(-1) / jnp.linalg.norm(u)
+    w = v.reshape(-1) - jnp.dot(v.reshape(-1), u) * u
+    if float(jnp.linalg.norm(w)) < 1e-6 * float(jnp.linalg.norm(v)):
+        e = jnp.zeros_like(u).at[jnp.argmin(jnp.abs(u))].set(1.0)
+        w = e - jnp.dot(e, u) * u
+    return u, w / jnp.linalg.norm(w)
+
+
+def loss_landscape(eps_fn, conditions: Sequence[Condition], x, t, alpha_bar_t, u, v,
+                   extent: float = 1.0, num: int = 41):
+    """Energies of all conditions at ``x0|t(x + a u' + b v')`` for ``a, b in linspace(-extent, extent, num)``,
+    with ``(u', v')`` the orthonormalised plane of ``u, v``.
+
+    Returns ``(coords (num,), energies (num, num, n))``; ``energies[i, j]`` is at ``a = coords[i]``,
+    ``b = coords[j]``.
+    """
+    if x.shape != u.shape or x.shape != v.shape:
+        raise ValueError(f"loss_landscape: x, u and v must share a shape; got {x.shape}, {u.shape}, {v.shape}.")
+    if not conditions:
+        raise ValueError("loss_landscape: conditions is empty; give at least one Condition.")
+    pu, pv = orthonormal_plane(u, v)
+    coords = jnp.linspace(-extent, extent, num)
+    f = energy_vector(tuple(conditions), eps_fn, t, alpha_bar_t)
+
+    @jax.jit
+    def grid(coords):
+        def at(a, b):
+            return f(x + (a * pu + b * pv).reshape(x.shape))[0]
+        return jax.vmap(lambda a: jax.vmap(lambda b: at(a, b))(coords))(coords)
+
+    return np.asarray(coords), np.asarray(grid(coords))
