@@ -66,9 +66,9 @@ def test_compile_does_not_grow_with_steps():
 
 
 def test_debug_loop_matches_scan():
-    grid = zm.timestep_grid(1000, 8)
+    grid = zm.timestep_grid(1000, 4)
     x_T = jax.random.normal(jax.random.PRNGKey(0), (3, 3))
-    scheme = zm.multi([C1, C2])
+    scheme = zm.dependent([C1, C2])
     a, ta = zm.sample(jax.random.PRNGKey(1), x_T, EPS, SCHEDULE, grid, scheme, "ddpm_ancestral")
     b, tb = zm.sample(jax.random.PRNGKey(1), x_T, EPS, SCHEDULE, grid, scheme, "ddpm_ancestral", debug_loop=True)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

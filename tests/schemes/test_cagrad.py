@@ -15,10 +15,6 @@ from zmagic_jax.schemes import cagrad, cagrad_weights
 C = 0.5
 D_PAD = 50
 TOL = 1e-4
-# The solver ends on a plateau where F is resolved to rounding, which leaves the direction free at
-# about sqrt(eps) ~ 1e-8 relative; another compilation (vmap, another shape) or inputs equal up to
-# rounding may land elsewhere on it.
-PLATEAU = 1e-6
 
 _cagrad = jax.jit(cagrad, static_argnames=("rescale", "num_iters"))
 
@@ -90,24 +86,25 @@ def random_task_grads(rng, k, d, shared=0.0):
 
 
 def compare_with_slsqp(grads, c=C, check_direction=True):
-    """Objective and (unrescaled) direction of the jitted solver against SLSQP. Returns the weights
-    of both and the errors: objective relative to max_i |g_i|^2, direction relative to |d_ref|."""
+    """Objective (relative to max_i |g_i|^2) and unrescaled direction (relative to |d_ref|) of the
+    jitted solver against SLSQP; returns both weight vectors."""
     gram = grads @ grads.T
     scale = np.max(np.diag(gram))
     w_ref = slsqp_weights(gram, c)
     d, w = solve(grads, c)
     assert np.all(np.isfinite(d)) and np.all(np.isfinite(w))
     assert np.all(w >= 0) and abs(w.sum() - 1) < 1e-12
-    f_err = abs(dual_objective(w, gram, c) - dual_objective(w_ref, gram, c)) / scale
-    assert f_err <= TOL
+    assert abs(dual_objective(w, gram, c) - dual_objective(w_ref, gram, c)) <= TOL * scale
     if not check_direction:
-        return w, w_ref, f_err, None
+        return w, w_ref
     # The direction is unique when the optimal g_w is not 0; check the test data is such.
     assert np.linalg.norm(w_ref @ grads) > 1e-4 * np.sqrt(scale)
     d_ref = direction_from_weights(grads, w_ref, c)
-    d_err = np.linalg.norm(d - d_ref) / np.linalg.norm(d_ref)
-    assert d_err <= TOL
-    return w, w_ref, f_err, d_err
+    assert_close(d, d_ref, TOL)
+    # Reference-free: the worst task's progress along d (primal) meets F(w) (dual). This is far
+    # tighter than SLSQP, which is the less accurate of the two when the scales are disparate.
+    assert dual_objective(w, gram, c) - primal_value(grads, d) <= 1e-10 * scale
+    return w, w_ref
 
 
 def assert_close(actual, desired, rel):
@@ -128,7 +125,7 @@ def test_matches_slsqp_on_random_sets(k):
     with jax.experimental.enable_x64():
         for seed, (d, shared) in enumerate([(3, 0.0), (8, 0.0), (D_PAD, 0.0), (7, 1.0)]):
             rng = np.random.default_rng(1000 * k + seed)
-            w, w_ref, _, _ = compare_with_slsqp(random_task_grads(rng, k, d, shared))
+            w, w_ref = compare_with_slsqp(random_task_grads(rng, k, d, shared))
             if d >= k:  # full row rank: F is strictly convex on the simplex, w is unique
                 np.testing.assert_allclose(w, w_ref, atol=1e-4)
 
@@ -199,7 +196,7 @@ def test_duplicated_rows():
         grads = random_task_grads(np.random.default_rng(4), 4, 9)
         compare_with_slsqp(np.concatenate([grads[:1], grads]))
         # Duplicating every task changes neither g0 nor the hull of the gradients.
-        assert_close(solve(np.concatenate([grads, grads]))[0], solve(grads)[0], PLATEAU)
+        assert_close(solve(np.concatenate([grads, grads]))[0], solve(grads)[0], 1e-12)
 
 
 # --------------------------------------------------------------------------------- properties
@@ -255,7 +252,7 @@ def test_conflict_averse_and_dual_optimal(k):
                 progress = primal_value(grads, d)
                 assert progress >= primal_value(grads, grads.mean(0)) - 1e-12 * scale
                 np.testing.assert_allclose(progress, dual_objective(w, grads @ grads.T, c),
-                                           atol=1e-8 * scale)
+                                           atol=1e-10 * scale)
 
 
 def test_vmap_matches_per_set():
@@ -264,7 +261,7 @@ def test_vmap_matches_per_set():
         batch = np.stack([random_task_grads(rng, 5, D_PAD) for _ in range(6)])
         batched = jax.jit(jax.vmap(lambda g: cagrad(g, C, rescale="none")))(jnp.asarray(batch))
         for grads, d in zip(batch, batched):
-            assert_close(d, solve(grads)[0], PLATEAU)
+            assert_close(d, solve(grads)[0], 1e-12)
 
 
 def test_trailing_shape_and_scale():
@@ -273,9 +270,9 @@ def test_trailing_shape_and_scale():
         d = solve(grads)[0]
         shaped = _cagrad(jnp.asarray(grads).reshape(5, 2, 5, 5), C, rescale="none")
         assert shaped.shape == (2, 5, 5)
-        assert_close(shaped.reshape(-1), d, PLATEAU)
+        assert_close(shaped.reshape(-1), d, 1e-12)
         for s in (1e-3, 1e3):  # positively homogeneous of degree one
-            assert_close(solve(s * grads)[0], s * d, PLATEAU)
+            assert_close(solve(s * grads)[0], s * d, 1e-12)
 
 
 @pytest.mark.parametrize("k", [2, 12])

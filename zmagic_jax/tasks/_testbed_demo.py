@@ -101,7 +101,7 @@ def _run_all(out: Path, settings: DemoSettings, progress) -> dict:
                      "number of exact posterior samples; noise_floor = the same distance between two "
                      "independent exact sample sets",
         "wall_time_s": "one jitted run of all samples, compilation included",
-        "diverged_samples": "samples whose final state is not finite; metrics use the others",
+        "diverged_samples": "samples whose final state or energies are not finite; metrics use the others",
         "dropped_guidance_steps": "fraction of (sample, step) pairs whose guidance was non-finite and dropped"}, "results": []}
     cosine_panels, scatter, landscape_done = {}, {}, False
     for dim in settings.dims:
@@ -125,9 +125,9 @@ def _run_all(out: Path, settings: DemoSettings, progress) -> dict:
                 x0, trace = sample(k_run, x_T, eps_fn, schedule, grid, scheme, sampler, nan_policy="skip")
             x0 = jax.block_until_ready(x0)
             seconds = time.perf_counter() - start
-            ok = np.asarray(jnp.all(jnp.isfinite(x0), axis=-1))
-            x0 = x0[ok]
             energies = np.asarray(jax.vmap(lambda x: jnp.stack([c.energy(x) for c in scheme.conditions]))(x0))
+            ok = np.asarray(jnp.all(jnp.isfinite(x0), axis=-1)) & np.all(np.isfinite(energies), axis=-1)
+            x0, energies = x0[ok], energies[ok]
             entry = {
                 "dim": dim, "setting": setting, "scheme": label,
                 "conditions": [c.name for c in scheme.conditions],
