@@ -41,7 +41,7 @@ def plot_cosines(path, panels: Dict[str, Dict[str, tuple]]) -> None:
 
 
 def plot_energy_curves(path, t, curves: Dict[str, np.ndarray], names: Sequence[str], title: str) -> None:
-    """Fig. 3 style: each condition's energy at x0|t along the trajectory (mean over samples)."""
+    """Fig. 3 style: each condition's energy at x0|t along the trajectory (median over samples)."""
     fig, axes = plt.subplots(1, len(names), figsize=(4.4 * len(names), 3.4), squeeze=False)
     for i, (ax, name) in enumerate(zip(axes[0], names)):
         for label, mean in curves.items():
@@ -51,7 +51,7 @@ def plot_energy_curves(path, t, curves: Dict[str, np.ndarray], names: Sequence[s
         ax.set_xlim(max(t), min(t))
         ax.set_xlabel("timestep t")
         ax.set_title(f"{name}: energy at x0|t", fontsize=10)
-    axes[0, 0].set_ylabel("mean energy (log scale)")
+    axes[0, 0].set_ylabel("median energy (log scale)")
     axes[0, -1].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

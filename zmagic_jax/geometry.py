@@ -29,10 +29,17 @@ def mean_guided_cosine(trace) -> float:
     return float(np.nanmean(cos)) if np.isfinite(cos).any() else float("nan")
 
 
-def energy_curves(trace):
-    """Per-step mean and std over the batch of each condition's energy: two ``(steps, n)`` arrays."""
+def energy_curves(trace, reduce: str = "median") -> np.ndarray:
+    """Each condition's energy at ``x0|t`` per step, reduced over the batch: ``(steps, n)``.
+
+    ``reduce="median"`` (default) is robust to a few diverging samples; ``"mean"`` is the plain mean.
+    """
     e = np.asarray(trace.energies, np.float64)
-    return e.mean(axis=0), e.std(axis=0)
+    if reduce == "median":
+        return np.median(e, axis=0)
+    if reduce == "mean":
+        return e.mean(axis=0)
+    raise ValueError(f"energy_curves: reduce must be 'median' or 'mean'; got {reduce!r}.")
 
 
 def orthonormal_plane(u, v):

@@ -111,9 +111,9 @@ def test_multi_is_cagrad_of_all_ordered_pairs(x64):
             if i != j:
                 d, term2, *_ = dependent_terms(conds, eps_fn, sampler, x, ctx, noise, (i,), ((j,),))
                 tasks.append(d[0] + term2[0, 0])
-    expected = zm.cagrad(jnp.stack(tasks), c=0.5)
+    expected = zm.cagrad(jnp.stack(tasks), c=0.5, num_iters=2000)
     _, disp, info = zm.direction(zm.multi(conds), eps_fn, sampler, x, ctx, noise)
-    np.testing.assert_allclose(disp, expected, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(disp, expected, rtol=1e-6, atol=1e-10)
     assert info.energies.shape == (3,) and bool(info.finite.all())
 
 

@@ -73,11 +73,13 @@ class Dependent(NamedTuple):
 
 class Multi(NamedTuple):
     """Z-Magic Algorithm 2: every ordered pair ``(i, j), i != j`` gives a task gradient
-    ``g_ij = d_i + J_{xhat_i}^T d_j(xhat_i)``; CAGrad (``c``, ``rescale``) combines them."""
+    ``g_ij = d_i + J_{xhat_i}^T d_j(xhat_i)``; CAGrad (``c``, ``rescale``) combines them.
+    For more than 2 conditions CAGrad runs ``cagrad_iters`` solver iterations per step."""
     conditions: tuple
     c: float = 0.5
     rescale: str = "1+c^2"
     xhat_time: str = "current"
+    cagrad_iters: int = 100
     name: str = "multi"
 
 
@@ -103,14 +105,22 @@ def dependent(conditions: Sequence[Condition], order=(0, 1), xhat_time: str = "c
 
 
 def multi(conditions: Sequence[Condition], c: float = 0.5, rescale: str = "1+c^2",
-          xhat_time: str = "current") -> Multi:
-    """Z-Magic Algorithm 2 (CAGrad over all ordered pairs' dependent gradients)."""
+          xhat_time: str = "current", cagrad_iters: int = 100) -> Multi:
+    """Z-Magic Algorithm 2 (CAGrad over all ordered pairs' dependent gradients).
+
+    ``cagrad_iters`` (used for 3+ conditions, i.e. 6+ task gradients): 100 reaches float32
+    rounding on random task sets (max relative error 2.3e-7 against 2000 iterations for 6 and 12
+    tasks) at a fifth of the cost of :func:`cagrad`'s default 500; raise it for ``c`` near 1 with
+    nearly cancelling gradients.
+    """
     conditions = check_conditions(conditions, "multi", minimum=2)
     if not isinstance(c, (int, float)) or c < 0:
         raise ValueError(f"multi: c must be a number >= 0; got {c!r}.")
     if rescale not in ("1+c^2", "1+c", "none"):
         raise ValueError(f"multi: rescale must be '1+c^2', '1+c' or 'none'; got {rescale!r}.")
-    return Multi(conditions, float(c), rescale, _check_xhat_time(xhat_time, "multi"))
+    if not isinstance(cagrad_iters, int) or cagrad_iters < 1:
+        raise ValueError(f"multi: cagrad_iters must be a positive int; got {cagrad_iters!r}.")
+    return Multi(conditions, float(c), rescale, _check_xhat_time(xhat_time, "multi"), cagrad_iters)
 
 
 SCHEMES = {"none": none, "independent": independent, "dependent": dependent, "multi": multi}
@@ -237,7 +247,7 @@ def _multi(scheme: Multi, eps_fn, sampler, x, ctx, noise):
     d, term2, energies, eps, pair_ok = dependent_terms(
         scheme.conditions, eps_fn, sampler, x, ctx, noise, leaders, followers, scheme.xhat_time)
     tasks = (d[:, None] + term2).reshape((n * (n - 1),) + x.shape)
-    direction = cagrad(tasks, c=scheme.c, rescale=scheme.rescale)
+    direction = cagrad(tasks, c=scheme.c, rescale=scheme.rescale, num_iters=scheme.cagrad_iters)
     cosine = jnp.mean(jax.vmap(lambda a, bs: jax.vmap(lambda b: _cosine(a, b))(bs))(d, term2))
     finite = _pair_finite(n, leaders, followers, pair_ok, _all_finite(d))
     return _finalize(eps, direction, energies, _norms(d), cosine, finite)

@@ -144,7 +144,7 @@ def _run_all(out: Path, settings: DemoSettings, progress) -> dict:
             }
             report["results"].append(entry)
             if setting == "pair":
-                curves[label] = energy_curves(trace)[0]
+                curves[label] = energy_curves(trace)
                 if label != "none":
                     cosines[label] = (grid.t, np.nanmean(guided_cosines(trace), axis=0))
                 if dim == 2:

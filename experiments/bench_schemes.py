@@ -1,0 +1,453 @@
+"""Cost of the guidance schemes: seconds per guided step, compile time against grid length, memory.
+
+    python experiments/bench_schemes.py --out experiments/results/bench_schemes.json [--quick]
+
+Sections of the JSON report:
+
+1. ``testbed``: one jitted guided step (the kernel of ``zm.guided_kernel`` vmapped over a small
+   batch, at a mid-grid step where every condition is active) on the exact Gaussian-mixture
+   testbed, for none / independent / dependent / multi; plus a split of multi's step into its
+   pair terms (``zm.dependent_terms``) and its CAGrad solve.
+2. ``conv``: the same on a small random-init convolutional UNet with three image energies.
+3. ``compile_vs_steps``: first call of ``zm.sample`` (trace + compile + run) minus a second call
+   (run only), for grids of increasing length; the scan should keep it flat.
+4. Memory: ``memory_analysis()`` of every compiled step function, next to its timing.
+
+Times are ``time.perf_counter`` around ``jax.block_until_ready``, after a warm-up call. The
+functions compared in one section are timed round-robin (one call of each per round), so load
+from other processes on a shared machine hits them alike; ratios are taken within a section.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from typing import Callable, NamedTuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+import zmagic_jax as zm
+from zmagic_jax._io import atomic_write_bytes
+from zmagic_jax.models import GaussianMixture, mixture_eps_fn
+from zmagic_jax.tasks import LinearMeasurement, class_condition, make_testbed, measurement_condition
+
+SCHEDULE = zm.linear_schedule()
+GRID = zm.timestep_grid(SCHEDULE.num_train_steps, 100)
+MID_STEP = 50  # t = 490 on the 100-step grid; score_rule() has no window, so all conditions act
+SAMPLER = zm.sampler_by_name("ddpm_posterior")
+MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+                 "temp_size_in_bytes", "generated_code_size_in_bytes", "peak_memory_in_bytes")
+
+
+class Config(NamedTuple):
+    """Sizes of one run."""
+    dim: int                  # testbed dimension of section 1
+    batch: int                # samples per guided step
+    repeats: int              # timed calls per function (median reported)
+    compile_repeats: int      # fresh compiles per grid length in section 3
+    grids: tuple              # grid lengths of section 3
+    build_dims: tuple         # dimensions at which make_testbed's build time is measured
+    image_size: int           # side of the square RGB images of section 2
+    scheme_counts: tuple      # condition counts n of section 1
+    conv_scheme_counts: tuple  # condition counts n of section 2
+
+
+FULL = Config(dim=4096, batch=4, repeats=7, compile_repeats=5, grids=(10, 100, 1000),
+              build_dims=(512, 1024), image_size=32, scheme_counts=(2, 3, 4), conv_scheme_counts=(2, 3))
+QUICK = Config(dim=512, batch=4, repeats=5, compile_repeats=3, grids=(10, 100),
+               build_dims=(256,), image_size=16, scheme_counts=(2, 3, 4), conv_scheme_counts=(2, 3))
+
+
+class Problem(NamedTuple):
+    """A denoiser and its conditions as functions of explicit parameters.
+
+    The parameters are arguments of every jitted step (as a trained network's weights would
+    be), so the large testbed matrices are not baked into the programs as constants.
+    """
+    params: object
+    x: jnp.ndarray            # (batch, *sample_shape) points at the mid-grid noise level
+    eps_fn: Callable          # params -> eps_fn(x, t) for one sample
+    conditions: Callable      # params -> tuple of zm.Condition
+    description: dict
+
+
+# ----------------------------------------------------------------------------- problems
+
+def _orthogonal_kron(key, dim):
+    """A dense ``dim x dim`` orthogonal matrix ``Q1 kron Q2`` of two random orthogonal factors
+    (QR of factors of side ~sqrt(dim) instead of one QR of side dim)."""
+    rows = max(f for f in range(1, math.isqrt(dim) + 1) if dim % f == 0)
+    k1, k2 = jax.random.split(key)
+    q1 = jnp.linalg.qr(jax.random.normal(k1, (rows, rows)))[0]
+    q2 = jnp.linalg.qr(jax.random.normal(k2, (dim // rows, dim // rows)))[0]
+    return jnp.kron(q1, q2)
+
+
+def _window_measurement(key, x0, start, width, sigma):
+    """``y = A x0 + N(0, sigma^2)`` with ``width // 2`` random unit rows supported on
+    ``[start, start + width)``, the recipe of ``make_testbed``'s measurements."""
+    k_rows, k_noise = jax.random.split(key)
+    rows = max(1, width // 2)
+    block = jax.random.normal(k_rows, (rows, width))
+    block = block / jnp.linalg.norm(block, axis=1, keepdims=True)
+    A = jnp.zeros((rows, x0.shape[0])).at[:, start:start + width].set(block)
+    return LinearMeasurement(A, A @ x0 + sigma * jax.random.normal(k_noise, (rows,)), jnp.asarray(sigma))
+
+
+def testbed_problem(key, dim, batch, ctx, num_components=4):
+    """The exact testbed's prior and conditions at ``dim``, with a fourth condition.
+
+    Shapes and code paths are those of ``make_testbed(key, dim, num_components)``: a mixture
+    with dense ``(K, d, d)`` eigenvectors, eigenvalues log-uniform on [0.01, 0.25], orthogonal
+    means of norm ``0.9 sqrt(d)``; conditions "class" (``tasks.class_condition``) and two
+    ``tasks.measurement_condition`` on windows ``[0, w)`` and ``[d - w, d)``, ``w = ceil(5d/8)``.
+    The fourth, "measurement_3", is another linear measurement energy
+    ``0.5 |A x0 - y|^2 / sigma^2`` on the centred window. The eigenvectors are Kronecker
+    products (see :func:`_orthogonal_kron`), because ``make_testbed`` spends minutes at
+    d = 4096 on QRs and on the exact posterior, neither of which a guided step uses.
+    """
+    k_mix, k_vec, k_x0, k_m1, k_m2, k_m3, k_z = jax.random.split(key, 7)
+    u_means, u_vals, u_weights = jnp.split(jax.random.uniform(k_mix, (num_components * (dim + 2),)),
+                                           [num_components * dim, num_components * (dim + 1)])
+    means = 0.9 * math.sqrt(dim) * jnp.linalg.qr(u_means.reshape(dim, num_components) - 0.5)[0].T
+    eigvecs = jnp.stack([_orthogonal_kron(k, dim) for k in jax.random.split(k_vec, num_components)])
+    eigvals = jnp.exp(math.log(0.01) + math.log(25.0) * u_vals.reshape(num_components, dim))
+    weights = 0.5 + u_weights
+    gmm = GaussianMixture(jnp.log(weights / weights.sum()), means, eigvecs, eigvals)
+    x0 = means[0] + eigvecs[0] @ (jnp.sqrt(eigvals[0]) * jax.random.normal(k_x0, (dim,)))
+    width = math.ceil(5 * dim / 8)
+    measurements = (_window_measurement(k_m1, x0, 0, width, 0.1),
+                    _window_measurement(k_m2, x0, dim - width, width, 0.2),
+                    _window_measurement(k_m3, x0, (dim - width) // 2, width, 0.15))
+    rule = zm.score_rule()
+
+    def conditions(params):
+        gmm, measurements = params
+        conds = [class_condition(gmm, 0, "class")]
+        conds += [measurement_condition(gmm, m, f"measurement_{i + 1}") for i, m in enumerate(measurements)]
+        return tuple(zm.condition(c.name, c.energy, rule) for c in conds)
+
+    z = jax.random.normal(k_z, (batch, dim))
+    x = jnp.sqrt(ctx.alpha_bar) * x0 + jnp.sqrt(1 - ctx.alpha_bar) * z
+    description = {
+        "dim": dim, "num_components": num_components,
+        "conditions": ["class", "measurement_1 [0, w)", "measurement_2 [d-w, d)",
+                       "measurement_3 [(d-w)//2, (d-w)//2 + w) (added by this benchmark)"],
+        "window_w": width, "rows_per_measurement": max(1, width // 2),
+        "note": "same array shapes and library energies as make_testbed(PRNGKey(0), dim, num_components=4) "
+                "plus a fourth linear measurement built here; eigenvectors are dense Kronecker products "
+                "of two random orthogonal factors instead of one d x d QR, and the exact posterior is not "
+                "built (see testbed_build for make_testbed's own cost). Step cost depends on shapes, not values.",
+    }
+    return Problem((gmm, measurements), x, lambda params: mixture_eps_fn(params[0], SCHEDULE.alphas_cumprod),
+                   conditions, description)
+
+
+def _sinusoidal(t, dim):
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half) / half)
+    angles = t.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm, swish, 3x3 conv, plus the time embedding; twice; 1x1 skip when widths differ."""
+    channels: int
+
+    @nn.compact
+    def __call__(self, x, emb):
+        h = nn.Conv(self.channels, (3, 3))(nn.swish(nn.GroupNorm(num_groups=8)(x)))
+        h = h + nn.Dense(self.channels)(emb)[:, None, None, :]
+        h = nn.Conv(self.channels, (3, 3))(nn.swish(nn.GroupNorm(num_groups=8)(h)))
+        skip = x if x.shape[-1] == self.channels else nn.Conv(self.channels, (1, 1))(x)
+        return skip + h
+
+
+class TinyUNet(nn.Module):
+    """eps network: one down / up level (32 and 64 channels), sinusoidal time embedding."""
+    channels: int = 32
+
+    @nn.compact
+    def __call__(self, x, t):
+        emb = nn.Dense(4 * self.channels)(_sinusoidal(t, self.channels))
+        emb = nn.Dense(4 * self.channels)(nn.swish(emb))
+        skip = ResBlock(self.channels)(nn.Conv(self.channels, (3, 3))(x), emb)
+        h = nn.Conv(2 * self.channels, (3, 3), strides=(2, 2))(skip)
+        h = ResBlock(2 * self.channels)(h, emb)
+        h = jax.image.resize(h, skip.shape[:3] + (h.shape[-1],), "nearest")
+        h = nn.Conv(self.channels, (3, 3))(h)
+        h = ResBlock(self.channels)(jnp.concatenate([h, skip], axis=-1), emb)
+        return nn.Conv(x.shape[-1], (3, 3))(nn.swish(nn.GroupNorm(num_groups=8)(h)))
+
+
+def _conv(image, kernel):
+    return jax.lax.conv_general_dilated(image[None], kernel, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
+
+
+def conv_problem(key, size, batch, ctx):
+    """A random-init :class:`TinyUNet` on ``size x size x 3`` images and three image energies
+    on overlapping pixels: feature-map MSE of a fixed random conv on the left two thirds of the
+    columns, a Gram-matrix loss of a second fixed random conv on the right two thirds, and the
+    cross-entropy of a linear 10-class classifier on the whole image."""
+    k_net, k_f, k_g, k_w, k_target, k_z = jax.random.split(key, 6)
+    model = TinyUNet()
+    shape = (size, size, 3)
+    unet = model.init(k_net, jnp.zeros((1,) + shape), jnp.zeros((1,), jnp.int32))
+    target = jax.random.uniform(k_target, shape, minval=-1.0, maxval=1.0)
+    left, right = slice(0, 2 * size // 3), slice(size // 3, size)
+    feature_kernel = jax.random.normal(k_f, (3, 3, 3, 8)) / math.sqrt(27)
+    gram_kernel = jax.random.normal(k_g, (3, 3, 3, 8)) / math.sqrt(27)
+    energy_params = {
+        "feature_kernel": feature_kernel, "gram_kernel": gram_kernel,
+        "feature_target": _conv(target[:, left], feature_kernel),
+        "gram_target": _gram(_conv(target[:, right], gram_kernel)),
+        "classifier": jax.random.normal(k_w, (size * size * 3, 10)) / math.sqrt(size * size * 3),
+    }
+    rule = zm.score_rule()
+
+    def conditions(params):
+        e = params["energies"]
+        features = lambda x0: jnp.mean((_conv(x0[:, left], e["feature_kernel"]) - e["feature_target"]) ** 2)
+        gram = lambda x0: jnp.sum((_gram(_conv(x0[:, right], e["gram_kernel"])) - e["gram_target"]) ** 2)
+        label = lambda x0: -jax.nn.log_softmax(x0.reshape(-1) @ e["classifier"])[3]
+        return (zm.condition("features_left", features, rule), zm.condition("gram_right", gram, rule),
+                zm.condition("classifier", label, rule))
+
+    def eps_fn(params):
+        return lambda x, t: model.apply(params["unet"], x[None], t[None])[0]
+
+    z = jax.random.normal(k_z, (batch,) + shape)
+    x = jnp.sqrt(ctx.alpha_bar) * target + jnp.sqrt(1 - ctx.alpha_bar) * z
+    num_params = sum(p.size for p in jax.tree_util.tree_leaves(unet))
+    description = {"image_shape": list(shape), "unet_parameters": int(num_params),
+                   "conditions": ["features_left: MSE of a random 3x3x3x8 conv map, columns [0, 2/3)",
+                                  "gram_right: Gram-matrix loss of a second random conv, columns [1/3, 1)",
+                                  "classifier: cross-entropy of a linear 10-class classifier, all pixels"]}
+    return Problem({"unet": unet, "energies": energy_params}, x, eps_fn, conditions, description)
+
+
+def _gram(features):
+    flat = features.reshape(-1, features.shape[-1])
+    return flat.T @ flat / flat.shape[0]
+
+
+# ----------------------------------------------------------------------------- measurement
+
+def memory_report(compiled):
+    """``compiled.memory_analysis()`` as a dict of byte counts, or null fields with the reason."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception as err:  # backends without the analysis raise; record why
+        return {"available": False, "reason": f"{type(err).__name__}: {err}"}
+    if stats is None:
+        return {"available": False, "reason": "memory_analysis() returned None on this backend"}
+    report = {"available": True}
+    for field in MEMORY_FIELDS:
+        value = getattr(stats, field, None)
+        report[field] = None if value is None else int(value)
+    return report
+
+
+def time_round_robin(calls: dict, repeats: int) -> dict:
+    """Median seconds per call of every ``name -> (fn, args)``: one warm-up call each, then
+    ``repeats`` rounds that call each function once in turn."""
+    for fn, args in calls.values():
+        jax.block_until_ready(fn(*args))
+    samples = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, (fn, args) in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            samples[name].append(time.perf_counter() - start)
+    return {name: {"seconds_median": statistics.median(s), "seconds_min": min(s),
+                   "seconds_all": [round(v, 6) for v in s]} for name, s in samples.items()}
+
+
+def compile_step(fn, args):
+    """``jax.jit(fn)`` lowered and compiled for ``args``: ``(executable, seconds, memory report)``."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, time.perf_counter() - start, memory_report(compiled)
+
+
+def guided_step(problem: Problem, scheme_name: str, n: int):
+    """``step(params, keys, x, ctx)``: one guided step of the batch, ``vmap`` of
+    ``zm.guided_kernel`` over samples with a shared step context."""
+    def step(params, keys, x, ctx):
+        scheme = zm.scheme_by_name(scheme_name, problem.conditions(params)[:n])
+        kernel = zm.guided_kernel(problem.eps_fn(params), SAMPLER, scheme)
+        return jax.vmap(kernel, in_axes=(0, 0, None))(keys, x, ctx)
+    return step
+
+
+def pair_terms_step(problem: Problem, n: int):
+    """The pair work of ``multi`` on ``n`` conditions alone: ``zm.dependent_terms`` over all
+    ordered pairs, vmapped over the batch (no CAGrad)."""
+    leaders = tuple(range(n))
+    followers = tuple(tuple(j for j in range(n) if j != i) for i in range(n))
+
+    def step(params, keys, x, ctx):
+        conds = problem.conditions(params)[:n]
+        eps_fn = problem.eps_fn(params)
+        ctx = ctx._replace(score_coef=jnp.asarray(SAMPLER.score_coef(ctx), x.dtype))
+
+        def one(key, x):
+            noise = SAMPLER.noise_std(ctx) * jax.random.normal(key, x.shape, x.dtype)
+            return zm.dependent_terms(conds, eps_fn, SAMPLER, x, ctx, noise, leaders, followers)
+        return jax.vmap(one)(keys, x)
+    return step
+
+
+def cagrad_step(tasks):
+    """``zm.cagrad`` on ``(batch, K, ...)`` task gradients, vmapped over the batch."""
+    return jax.vmap(zm.cagrad)(tasks)
+
+
+def scheme_section(problem: Problem, counts: tuple, repeats: int) -> dict:
+    """Per-step seconds, compile seconds and memory of none / independent(n) / dependent(2) /
+    multi(n), timed round-robin, with ratios to independent on the same n; then multi's step
+    split into its pair terms and its CAGrad solve."""
+    ctx = _mid_context()
+    keys = jax.random.split(jax.random.PRNGKey(2), problem.x.shape[0])
+    args = (problem.params, keys, problem.x, ctx)
+    plan = [("none", 2)] + [("independent", n) for n in counts] + [("dependent", 2)] + \
+           [("multi", n) for n in counts]
+    calls, entries = {}, {}
+    for scheme_name, n in plan:
+        label = f"{scheme_name}_n{n}"
+        compiled, seconds, memory = compile_step(guided_step(problem, scheme_name, n), args)
+        calls[label] = (compiled, args)
+        entries[label] = {"scheme": scheme_name, "n": n, "compile_seconds": seconds, "memory": memory}
+    for label, timing in time_round_robin(calls, repeats).items():
+        entries[label].update(timing)
+    per_step = lambda label: entries[label]["seconds_median"]
+    ratios = {"none_n2/independent_n2": per_step("none_n2") / per_step("independent_n2"),
+              "dependent_n2/independent_n2": per_step("dependent_n2") / per_step("independent_n2")}
+    ratios.update({f"multi_n{n}/independent_n{n}": per_step(f"multi_n{n}") / per_step(f"independent_n{n}")
+                   for n in counts})
+
+    split_calls, split = {}, {}
+    for n in counts:
+        compiled, seconds, memory = compile_step(pair_terms_step(problem, n), args)
+        split_calls[f"pair_terms_n{n}"] = (compiled, args)
+        tasks = jax.random.normal(jax.random.PRNGKey(3), (problem.x.shape[0], n * (n - 1)) + problem.x.shape[1:])
+        compiled_cagrad, seconds_cagrad, memory_cagrad = compile_step(cagrad_step, (tasks,))
+        split_calls[f"cagrad_K{n * (n - 1)}"] = (compiled_cagrad, (tasks,))
+        split[f"pair_terms_n{n}"] = {"compile_seconds": seconds, "memory": memory}
+        split[f"cagrad_K{n * (n - 1)}"] = {"compile_seconds": seconds_cagrad, "memory": memory_cagrad}
+    for label, timing in time_round_robin(split_calls, repeats).items():
+        split[label].update(timing)
+    for n in counts:
+        k = n * (n - 1)
+        split[f"multi_n{n}_shares"] = {
+            "pair_terms/multi": split[f"pair_terms_n{n}"]["seconds_median"] / per_step(f"multi_n{n}"),
+            f"cagrad_K{k}/multi": split[f"cagrad_K{k}"]["seconds_median"] / per_step(f"multi_n{n}")}
+    return {"problem": problem.description, "batch": int(problem.x.shape[0]),
+            "step": {"index": MID_STEP, "t": int(ctx.t), "sampler": SAMPLER.name,
+                     "rule": "score_rule() (always active)"},
+            "steps": entries, "ratios": ratios, "multi_split": split}
+
+
+def _mid_context():
+    contexts = zm.step_contexts(SCHEDULE, GRID)
+    return jax.tree_util.tree_map(lambda a: a[MID_STEP], contexts)
+
+
+def testbed_build_times(dims: tuple) -> dict:
+    """Seconds of ``make_testbed(PRNGKey(0), d, num_components=4)`` (compile included: a user's
+    first build at that size), and the growth exponent between the first and last size."""
+    seconds = {}
+    for dim in dims:
+        start = time.perf_counter()
+        jax.block_until_ready(make_testbed(jax.random.PRNGKey(0), dim, num_components=4))
+        seconds[str(dim)] = time.perf_counter() - start
+    report = {"seconds": seconds}
+    if len(dims) > 1:
+        exponent = math.log(seconds[str(dims[-1])] / seconds[str(dims[0])]) / math.log(dims[-1] / dims[0])
+        report["growth_exponent"] = exponent
+        report["extrapolated_seconds_at_4096"] = seconds[str(dims[-1])] * (4096 / dims[-1]) ** exponent
+    return report
+
+
+def compile_vs_steps(grids: tuple, repeats: int, dim=16, batch=8) -> dict:
+    """Compile seconds of ``zm.sample`` (dependent scheme, testbed at ``dim``) per grid length:
+    first call minus second call with the same arguments. Each repeat wraps the denoiser in a
+    new function, a new static argument, so the program is traced and compiled afresh."""
+    bed = make_testbed(jax.random.PRNGKey(0), dim, num_components=4)
+    base_eps = mixture_eps_fn(bed.gmm, SCHEDULE.alphas_cumprod)
+    scheme = zm.dependent([zm.condition(c.name, c.energy, zm.score_rule()) for c in bed.conditions[:2]])
+    x_T = jax.random.normal(jax.random.PRNGKey(4), (batch, dim))
+    key = jax.random.PRNGKey(5)
+    report = {}
+    for num_steps in grids:
+        grid = zm.timestep_grid(SCHEDULE.num_train_steps, num_steps)
+        first, second = [], []
+        for _ in range(repeats):
+            eps_fn = lambda x, t: base_eps(x, t)  # noqa: E731 -- a fresh static argument
+            for times in (first, second):
+                start = time.perf_counter()
+                jax.block_until_ready(zm.sample(key, x_T, eps_fn, SCHEDULE, grid, scheme, SAMPLER,
+                                                nan_policy="skip"))
+                times.append(time.perf_counter() - start)
+        compile_s = [a - b for a, b in zip(first, second)]
+        report[str(num_steps)] = {"compile_seconds_median": statistics.median(compile_s),
+                                  "compile_seconds_all": [round(v, 4) for v in compile_s],
+                                  "first_call_seconds_median": statistics.median(first),
+                                  "run_seconds_median": statistics.median(second)}
+    medians = [report[str(n)]["compile_seconds_median"] for n in grids]
+    return {"dim": dim, "batch": batch, "scheme": "dependent (class, measurement_1)", "sampler": SAMPLER.name,
+            "grids": report, "compile_ratio_longest/shortest": medians[-1] / medians[0]}
+
+
+def machine_info() -> dict:
+    """Versions, backend and CPU of this run."""
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+            "numpy": np.__version__, "python": platform.python_version(),
+            "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+            "cpu_count": os.cpu_count(), "cpu_affinity": len(os.sched_getaffinity(0)),
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "load_average_at_start": list(os.getloadavg()), "xla_flags": os.environ.get("XLA_FLAGS")}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="JSON report path (written atomically)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes and fewer repeats (< 1 min), for checking the script")
+    args = parser.parse_args(argv)
+    config = QUICK if args.quick else FULL
+    start = time.perf_counter()
+    ctx = _mid_context()
+    report = {"machine": machine_info(), "mode": "quick" if args.quick else "full",
+              "config": config._asdict(),
+              "timing": "median of repeats after a warm-up; functions of a section timed round-robin"}
+    sections = (
+        ("testbed_build", lambda: testbed_build_times(config.build_dims)),
+        ("testbed", lambda: scheme_section(testbed_problem(jax.random.PRNGKey(0), config.dim, config.batch, ctx),
+                                           config.scheme_counts, config.repeats)),
+        ("conv", lambda: scheme_section(conv_problem(jax.random.PRNGKey(1), config.image_size, config.batch, ctx),
+                                        config.conv_scheme_counts, config.repeats)),
+        ("compile_vs_steps", lambda: compile_vs_steps(config.grids, config.compile_repeats)),
+    )
+    for name, run in sections:
+        section_start = time.perf_counter()
+        report[name] = run()
+        report[name]["section_seconds"] = time.perf_counter() - section_start
+        print(f"{name}: {report[name]['section_seconds']:.1f} s", flush=True)
+    report["total_seconds"] = time.perf_counter() - start
+    atomic_write_bytes(args.out, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
+    print(f"wrote {args.out} in {report['total_seconds']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
