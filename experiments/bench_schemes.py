@@ -26,6 +26,8 @@ import os
 import platform
 import statistics
 import time
+import warnings
+from functools import partial
 from typing import Callable, NamedTuple
 
 import flax
@@ -57,14 +59,19 @@ class Config(NamedTuple):
     grids: tuple              # grid lengths of section 3
     build_dims: tuple         # dimensions at which make_testbed's build time is measured
     image_size: int           # side of the square RGB images of section 2
-    scheme_counts: tuple      # condition counts n of section 1
-    conv_scheme_counts: tuple  # condition counts n of section 2
+    testbed_counts: tuple     # condition counts n of independent / multi in section 1
+    testbed_split: tuple      # n whose multi step is split into pair terms and CAGrad
+    conv_counts: tuple        # the same for section 2
+    conv_split: tuple
 
 
-FULL = Config(dim=4096, batch=4, repeats=7, compile_repeats=5, grids=(10, 100, 1000),
-              build_dims=(512, 1024), image_size=32, scheme_counts=(2, 3, 4), conv_scheme_counts=(2, 3))
-QUICK = Config(dim=512, batch=4, repeats=5, compile_repeats=3, grids=(10, 100),
-               build_dims=(256,), image_size=16, scheme_counts=(2, 3, 4), conv_scheme_counts=(2, 3))
+# Compilation dominates the quick run (a few seconds per step function, whatever the size),
+# so it also drops the largest condition counts.
+FULL = Config(dim=4096, batch=4, repeats=7, compile_repeats=5, grids=(10, 100, 1000), build_dims=(512, 1024),
+              image_size=32, testbed_counts=(2, 3, 4), testbed_split=(2, 3, 4), conv_counts=(2, 3),
+              conv_split=(2, 3))
+QUICK = Config(dim=512, batch=4, repeats=3, compile_repeats=2, grids=(10, 100), build_dims=(256,),
+               image_size=16, testbed_counts=(2, 3), testbed_split=(3,), conv_counts=(2,), conv_split=())
 
 
 class Problem(NamedTuple):
@@ -82,25 +89,56 @@ class Problem(NamedTuple):
 
 # ----------------------------------------------------------------------------- problems
 
-def _orthogonal_kron(key, dim):
-    """A dense ``dim x dim`` orthogonal matrix ``Q1 kron Q2`` of two random orthogonal factors
-    (QR of factors of side ~sqrt(dim) instead of one QR of side dim)."""
-    rows = max(f for f in range(1, math.isqrt(dim) + 1) if dim % f == 0)
-    k1, k2 = jax.random.split(key)
-    q1 = jnp.linalg.qr(jax.random.normal(k1, (rows, rows)))[0]
-    q2 = jnp.linalg.qr(jax.random.normal(k2, (dim // rows, dim // rows)))[0]
-    return jnp.kron(q1, q2)
+def _normal_pieces(key, shapes):
+    """Standard normal arrays of the given shapes cut from ONE draw: on CPU every separate draw
+    is an XLA kernel of its own, and compiling those dominates building a problem."""
+    sizes = [math.prod(shape) for shape in shapes]
+    flat = jax.random.normal(key, (sum(sizes),))
+    return [piece.reshape(shape) for piece, shape in zip(jnp.split(flat, np.cumsum(sizes)[:-1]), shapes)]
 
 
-def _window_measurement(key, x0, start, width, sigma):
-    """``y = A x0 + N(0, sigma^2)`` with ``width // 2`` random unit rows supported on
-    ``[start, start + width)``, the recipe of ``make_testbed``'s measurements."""
-    k_rows, k_noise = jax.random.split(key)
-    rows = max(1, width // 2)
-    block = jax.random.normal(k_rows, (rows, width))
+def _kron_factor_sides(dim):
+    """Sides ``(a, dim // a)`` of two orthogonal factors, ``a`` the largest divisor <= sqrt(dim)."""
+    side = max(f for f in range(1, math.isqrt(dim) + 1) if dim % f == 0)
+    return side, dim // side
+
+
+def _window_measurement(block, noise, x0, start, sigma):
+    """``y = A x0 + sigma noise``, ``A`` the rows of ``block`` normalised to unit length and
+    placed on columns ``[start, start + width)``: the recipe of ``make_testbed``'s measurements."""
     block = block / jnp.linalg.norm(block, axis=1, keepdims=True)
-    A = jnp.zeros((rows, x0.shape[0])).at[:, start:start + width].set(block)
-    return LinearMeasurement(A, A @ x0 + sigma * jax.random.normal(k_noise, (rows,)), jnp.asarray(sigma))
+    A = jnp.zeros((block.shape[0], x0.shape[0])).at[:, start:start + block.shape[1]].set(block)
+    return LinearMeasurement(A, A @ x0 + sigma * noise, jnp.asarray(sigma))
+
+
+@partial(jax.jit, static_argnums=(1, 2, 3))
+def _testbed_arrays(key, dim, batch, num_components, alpha_bar):
+    """Mixture, three window measurements of one draw ``x0`` and ``batch`` points at level
+    ``alpha_bar`` around it. Each eigenvector matrix is ``Q1 kron Q2`` of two random orthogonal
+    factors of side ~sqrt(dim): dense like a QR of a ``dim x dim`` Gaussian, far cheaper."""
+    width = math.ceil(5 * dim / 8)
+    rows = max(1, width // 2)
+    sides = _kron_factor_sides(dim)
+    k_normal, k_uniform = jax.random.split(key)
+    shapes = [(dim, num_components), (dim,), (batch, dim)]
+    shapes += [(side, side) for _ in range(num_components) for side in sides]
+    shapes += [(rows, width), (rows,)] * 3
+    means, z0, z, *pieces = _normal_pieces(k_normal, shapes)
+    factors, blocks = pieces[:2 * num_components], pieces[2 * num_components:]
+    uniforms = jax.random.uniform(k_uniform, (num_components, dim + 1))
+
+    means = 0.9 * math.sqrt(dim) * jnp.linalg.qr(means)[0].T
+    q = [jnp.linalg.qr(f)[0] for f in factors]
+    eigvecs = jnp.stack([jnp.kron(q[2 * k], q[2 * k + 1]) for k in range(num_components)])
+    eigvals = jnp.exp(math.log(0.01) + math.log(25.0) * uniforms[:, 1:])
+    weights = 0.5 + uniforms[:, 0]
+    gmm = GaussianMixture(jnp.log(weights / weights.sum()), means, eigvecs, eigvals)
+    x0 = means[0] + eigvecs[0] @ (jnp.sqrt(eigvals[0]) * z0)
+    starts, sigmas = (0, dim - width, (dim - width) // 2), (0.1, 0.2, 0.15)
+    measurements = tuple(_window_measurement(blocks[2 * i], blocks[2 * i + 1], x0, start, sigma)
+                         for i, (start, sigma) in enumerate(zip(starts, sigmas)))
+    x = jnp.sqrt(alpha_bar) * x0 + jnp.sqrt(1 - alpha_bar) * z
+    return (gmm, measurements), x
 
 
 def testbed_problem(key, dim, batch, ctx, num_components=4):
@@ -112,22 +150,10 @@ def testbed_problem(key, dim, batch, ctx, num_components=4):
     ``tasks.measurement_condition`` on windows ``[0, w)`` and ``[d - w, d)``, ``w = ceil(5d/8)``.
     The fourth, "measurement_3", is another linear measurement energy
     ``0.5 |A x0 - y|^2 / sigma^2`` on the centred window. The eigenvectors are Kronecker
-    products (see :func:`_orthogonal_kron`), because ``make_testbed`` spends minutes at
+    products (see :func:`_testbed_arrays`), because ``make_testbed`` spends minutes at
     d = 4096 on QRs and on the exact posterior, neither of which a guided step uses.
     """
-    k_mix, k_vec, k_x0, k_m1, k_m2, k_m3, k_z = jax.random.split(key, 7)
-    u_means, u_vals, u_weights = jnp.split(jax.random.uniform(k_mix, (num_components * (dim + 2),)),
-                                           [num_components * dim, num_components * (dim + 1)])
-    means = 0.9 * math.sqrt(dim) * jnp.linalg.qr(u_means.reshape(dim, num_components) - 0.5)[0].T
-    eigvecs = jnp.stack([_orthogonal_kron(k, dim) for k in jax.random.split(k_vec, num_components)])
-    eigvals = jnp.exp(math.log(0.01) + math.log(25.0) * u_vals.reshape(num_components, dim))
-    weights = 0.5 + u_weights
-    gmm = GaussianMixture(jnp.log(weights / weights.sum()), means, eigvecs, eigvals)
-    x0 = means[0] + eigvecs[0] @ (jnp.sqrt(eigvals[0]) * jax.random.normal(k_x0, (dim,)))
-    width = math.ceil(5 * dim / 8)
-    measurements = (_window_measurement(k_m1, x0, 0, width, 0.1),
-                    _window_measurement(k_m2, x0, dim - width, width, 0.2),
-                    _window_measurement(k_m3, x0, (dim - width) // 2, width, 0.15))
+    params, x = _testbed_arrays(key, dim, batch, num_components, ctx.alpha_bar)
     rule = zm.score_rule()
 
     def conditions(params):
@@ -136,8 +162,7 @@ def testbed_problem(key, dim, batch, ctx, num_components=4):
         conds += [measurement_condition(gmm, m, f"measurement_{i + 1}") for i, m in enumerate(measurements)]
         return tuple(zm.condition(c.name, c.energy, rule) for c in conds)
 
-    z = jax.random.normal(k_z, (batch, dim))
-    x = jnp.sqrt(ctx.alpha_bar) * x0 + jnp.sqrt(1 - ctx.alpha_bar) * z
+    width = math.ceil(5 * dim / 8)
     description = {
         "dim": dim, "num_components": num_components,
         "conditions": ["class", "measurement_1 [0, w)", "measurement_2 [d-w, d)",
@@ -148,7 +173,7 @@ def testbed_problem(key, dim, batch, ctx, num_components=4):
                 "of two random orthogonal factors instead of one d x d QR, and the exact posterior is not "
                 "built (see testbed_build for make_testbed's own cost). Step cost depends on shapes, not values.",
     }
-    return Problem((gmm, measurements), x, lambda params: mixture_eps_fn(params[0], SCHEDULE.alphas_cumprod),
+    return Problem(params, x, lambda params: mixture_eps_fn(params[0], SCHEDULE.alphas_cumprod),
                    conditions, description)
 
 
@@ -159,34 +184,32 @@ def _sinusoidal(t, dim):
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
-class ResBlock(nn.Module):
-    """GroupNorm, swish, 3x3 conv, plus the time embedding; twice; 1x1 skip when widths differ."""
+class NormConv(nn.Module):
+    """GroupNorm, swish, 3x3 conv."""
     channels: int
 
     @nn.compact
-    def __call__(self, x, emb):
-        h = nn.Conv(self.channels, (3, 3))(nn.swish(nn.GroupNorm(num_groups=8)(x)))
-        h = h + nn.Dense(self.channels)(emb)[:, None, None, :]
-        h = nn.Conv(self.channels, (3, 3))(nn.swish(nn.GroupNorm(num_groups=8)(h)))
-        skip = x if x.shape[-1] == self.channels else nn.Conv(self.channels, (1, 1))(x)
-        return skip + h
+    def __call__(self, x):
+        return nn.Conv(self.channels, (3, 3))(nn.swish(nn.GroupNorm(num_groups=8)(x)))
 
 
 class TinyUNet(nn.Module):
-    """eps network: one down / up level (32 and 64 channels), sinusoidal time embedding."""
+    """eps network: 3x3 convs with GroupNorm + swish, one down / up level (32 and 64 channels)
+    with a skip connection, and a sinusoidal time embedding added after the input conv."""
     channels: int = 32
 
     @nn.compact
     def __call__(self, x, t):
-        emb = nn.Dense(4 * self.channels)(_sinusoidal(t, self.channels))
-        emb = nn.Dense(4 * self.channels)(nn.swish(emb))
-        skip = ResBlock(self.channels)(nn.Conv(self.channels, (3, 3))(x), emb)
-        h = nn.Conv(2 * self.channels, (3, 3), strides=(2, 2))(skip)
-        h = ResBlock(2 * self.channels)(h, emb)
-        h = jax.image.resize(h, skip.shape[:3] + (h.shape[-1],), "nearest")
-        h = nn.Conv(self.channels, (3, 3))(h)
-        h = ResBlock(self.channels)(jnp.concatenate([h, skip], axis=-1), emb)
-        return nn.Conv(x.shape[-1], (3, 3))(nn.swish(nn.GroupNorm(num_groups=8)(h)))
+        emb = nn.Dense(self.channels)(nn.swish(nn.Dense(4 * self.channels)(_sinusoidal(t, self.channels))))
+        h = nn.Conv(self.channels, (3, 3))(x) + emb[:, None, None, :]
+        skip = NormConv(self.channels)(h)
+        h = NormConv(2 * self.channels)(nn.Conv(2 * self.channels, (3, 3), strides=(2, 2))(skip))
+        h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+        h = NormConv(self.channels)(jnp.concatenate([h, skip], axis=-1))
+        return NormConv(x.shape[-1])(h)
+
+
+UNET = TinyUNet()
 
 
 def _conv(image, kernel):
@@ -194,25 +217,50 @@ def _conv(image, kernel):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
 
 
+@partial(jax.jit, static_argnums=(1, 2))
+def _conv_arrays(key, size, batch, alpha_bar):
+    """UNet weights (kernels ``N(0, 1/fan_in)``, biases 0, GroupNorm scales 1), energy
+    parameters and ``batch`` noisy images at level ``alpha_bar`` of a random target image, all
+    cut from one normal draw (see :func:`_normal_pieces`; Flax's own init draws per layer)."""
+    shape = (size, size, 3)
+    abstract, treedef = jax.tree_util.tree_flatten_with_path(
+        jax.eval_shape(UNET.init, key, jnp.zeros((1,) + shape), jnp.zeros((1,), jnp.int32)))
+    energy_shapes = [(3, 3, 3, 8), (3, 3, 3, 8), (size * size * 3, 10), shape, (batch,) + shape]
+    *weights, feature_kernel, gram_kernel, classifier, target, z = _normal_pieces(
+        key, [leaf.shape for _, leaf in abstract] + energy_shapes)
+
+    def init(path, leaf, normal):
+        name = path[-1].key
+        if name == "kernel":
+            return normal / math.sqrt(math.prod(leaf.shape[:-1]))
+        return jnp.ones(leaf.shape) if name == "scale" else jnp.zeros(leaf.shape)
+    unet = jax.tree_util.tree_unflatten(treedef, [init(p, l, w) for (p, l), w in zip(abstract, weights)])
+
+    target = jnp.tanh(target)
+    left, right = _column_windows(size)
+    feature_kernel, gram_kernel = feature_kernel / math.sqrt(27), gram_kernel / math.sqrt(27)
+    energies = {
+        "feature_kernel": feature_kernel, "gram_kernel": gram_kernel,
+        "feature_target": _conv(target[:, left], feature_kernel),
+        "gram_target": _gram(_conv(target[:, right], gram_kernel)),
+        "classifier": classifier / math.sqrt(size * size * 3),
+    }
+    x = jnp.sqrt(alpha_bar) * target + jnp.sqrt(1 - alpha_bar) * z
+    return {"unet": unet, "energies": energies}, x
+
+
+def _column_windows(size):
+    """Left and right two thirds of the columns; they share the middle third."""
+    return slice(0, 2 * size // 3), slice(size // 3, size)
+
+
 def conv_problem(key, size, batch, ctx):
     """A random-init :class:`TinyUNet` on ``size x size x 3`` images and three image energies
     on overlapping pixels: feature-map MSE of a fixed random conv on the left two thirds of the
     columns, a Gram-matrix loss of a second fixed random conv on the right two thirds, and the
     cross-entropy of a linear 10-class classifier on the whole image."""
-    k_net, k_f, k_g, k_w, k_target, k_z = jax.random.split(key, 6)
-    model = TinyUNet()
-    shape = (size, size, 3)
-    unet = model.init(k_net, jnp.zeros((1,) + shape), jnp.zeros((1,), jnp.int32))
-    target = jax.random.uniform(k_target, shape, minval=-1.0, maxval=1.0)
-    left, right = slice(0, 2 * size // 3), slice(size // 3, size)
-    feature_kernel = jax.random.normal(k_f, (3, 3, 3, 8)) / math.sqrt(27)
-    gram_kernel = jax.random.normal(k_g, (3, 3, 3, 8)) / math.sqrt(27)
-    energy_params = {
-        "feature_kernel": feature_kernel, "gram_kernel": gram_kernel,
-        "feature_target": _conv(target[:, left], feature_kernel),
-        "gram_target": _gram(_conv(target[:, right], gram_kernel)),
-        "classifier": jax.random.normal(k_w, (size * size * 3, 10)) / math.sqrt(size * size * 3),
-    }
+    params, x = _conv_arrays(key, size, batch, ctx.alpha_bar)
+    left, right = _column_windows(size)
     rule = zm.score_rule()
 
     def conditions(params):
@@ -224,16 +272,14 @@ def conv_problem(key, size, batch, ctx):
                 zm.condition("classifier", label, rule))
 
     def eps_fn(params):
-        return lambda x, t: model.apply(params["unet"], x[None], t[None])[0]
+        return lambda x, t: UNET.apply(params["unet"], x[None], t[None])[0]
 
-    z = jax.random.normal(k_z, (batch,) + shape)
-    x = jnp.sqrt(ctx.alpha_bar) * target + jnp.sqrt(1 - ctx.alpha_bar) * z
-    num_params = sum(p.size for p in jax.tree_util.tree_leaves(unet))
-    description = {"image_shape": list(shape), "unet_parameters": int(num_params),
+    num_params = sum(p.size for p in jax.tree_util.tree_leaves(params["unet"]))
+    description = {"image_shape": [size, size, 3], "unet_parameters": int(num_params),
                    "conditions": ["features_left: MSE of a random 3x3x3x8 conv map, columns [0, 2/3)",
                                   "gram_right: Gram-matrix loss of a second random conv, columns [1/3, 1)",
                                   "classifier: cross-entropy of a linear 10-class classifier, all pixels"]}
-    return Problem({"unet": unet, "energies": energy_params}, x, eps_fn, conditions, description)
+    return Problem(params, x, eps_fn, conditions, description)
 
 
 def _gram(features):
@@ -313,7 +359,7 @@ def cagrad_step(tasks):
     return jax.vmap(zm.cagrad)(tasks)
 
 
-def scheme_section(problem: Problem, counts: tuple, repeats: int) -> dict:
+def scheme_section(problem: Problem, counts: tuple, split_counts: tuple, repeats: int) -> dict:
     """Per-step seconds, compile seconds and memory of none / independent(n) / dependent(2) /
     multi(n), timed round-robin, with ratios to independent on the same n; then multi's step
     split into its pair terms and its CAGrad solve."""
@@ -337,7 +383,7 @@ def scheme_section(problem: Problem, counts: tuple, repeats: int) -> dict:
                    for n in counts})
 
     split_calls, split = {}, {}
-    for n in counts:
+    for n in split_counts:
         compiled, seconds, memory = compile_step(pair_terms_step(problem, n), args)
         split_calls[f"pair_terms_n{n}"] = (compiled, args)
         tasks = jax.random.normal(jax.random.PRNGKey(3), (problem.x.shape[0], n * (n - 1)) + problem.x.shape[1:])
@@ -347,7 +393,7 @@ def scheme_section(problem: Problem, counts: tuple, repeats: int) -> dict:
         split[f"cagrad_K{n * (n - 1)}"] = {"compile_seconds": seconds_cagrad, "memory": memory_cagrad}
     for label, timing in time_round_robin(split_calls, repeats).items():
         split[label].update(timing)
-    for n in counts:
+    for n in split_counts:
         k = n * (n - 1)
         split[f"multi_n{n}_shares"] = {
             "pair_terms/multi": split[f"pair_terms_n{n}"]["seconds_median"] / per_step(f"multi_n{n}"),
@@ -392,18 +438,22 @@ def compile_vs_steps(grids: tuple, repeats: int, dim=16, batch=8) -> dict:
     for num_steps in grids:
         grid = zm.timestep_grid(SCHEDULE.num_train_steps, num_steps)
         first, second = [], []
-        for _ in range(repeats):
-            eps_fn = lambda x, t: base_eps(x, t)  # noqa: E731 -- a fresh static argument
-            for times in (first, second):
-                start = time.perf_counter()
-                jax.block_until_ready(zm.sample(key, x_T, eps_fn, SCHEDULE, grid, scheme, SAMPLER,
-                                                nan_policy="skip"))
-                times.append(time.perf_counter() - start)
+        with warnings.catch_warnings(record=True) as caught:  # dropped guidance: counted, not fatal
+            warnings.simplefilter("always", RuntimeWarning)
+            for _ in range(repeats):
+                eps_fn = lambda x, t: base_eps(x, t)  # noqa: E731 -- a fresh static argument
+                for times in (first, second):
+                    start = time.perf_counter()
+                    jax.block_until_ready(zm.sample(key, x_T, eps_fn, SCHEDULE, grid, scheme, SAMPLER,
+                                                    nan_policy="skip"))
+                    times.append(time.perf_counter() - start)
         compile_s = [a - b for a, b in zip(first, second)]
         report[str(num_steps)] = {"compile_seconds_median": statistics.median(compile_s),
                                   "compile_seconds_all": [round(v, 4) for v in compile_s],
                                   "first_call_seconds_median": statistics.median(first),
-                                  "run_seconds_median": statistics.median(second)}
+                                  "run_seconds_median": statistics.median(second),
+                                  "calls_with_dropped_guidance": len(caught),
+                                  "dropped_guidance_message": str(caught[0].message) if caught else None}
     medians = [report[str(n)]["compile_seconds_median"] for n in grids]
     return {"dim": dim, "batch": batch, "scheme": "dependent (class, measurement_1)", "sampler": SAMPLER.name,
             "grids": report, "compile_ratio_longest/shortest": medians[-1] / medians[0]}
@@ -434,9 +484,9 @@ def main(argv=None):
     sections = (
         ("testbed_build", lambda: testbed_build_times(config.build_dims)),
         ("testbed", lambda: scheme_section(testbed_problem(jax.random.PRNGKey(0), config.dim, config.batch, ctx),
-                                           config.scheme_counts, config.repeats)),
+                                           config.testbed_counts, config.testbed_split, config.repeats)),
         ("conv", lambda: scheme_section(conv_problem(jax.random.PRNGKey(1), config.image_size, config.batch, ctx),
-                                        config.conv_scheme_counts, config.repeats)),
+                                        config.conv_counts, config.conv_split, config.repeats)),
         ("compile_vs_steps", lambda: compile_vs_steps(config.grids, config.compile_repeats)),
     )
     for name, run in sections:

@@ -93,10 +93,14 @@ def test_term_two_splits_into_score_jacobian_and_hessian_parts(x64):
 def test_order_swaps_leader_and_follower(x64):
     sampler = zm.ddim(0.4)
     eps_fn, (c1, c2), x, ctx, noise = _setup(sampler)
-    _, fwd, _ = zm.direction(zm.dependent((c1, c2)), eps_fn, sampler, x, ctx, noise)
-    _, rev, _ = zm.direction(zm.dependent((c1, c2), order=(1, 0)), eps_fn, sampler, x, ctx, noise)
+    _, fwd, info_fwd = zm.direction(zm.dependent((c1, c2)), eps_fn, sampler, x, ctx, noise)
+    _, rev, info_rev = zm.direction(zm.dependent((c1, c2), order=(1, 0)), eps_fn, sampler, x, ctx, noise)
     d, term2, *_ = dependent_terms((c1, c2), eps_fn, sampler, x, ctx, noise, (1,), ((0,),))
     np.testing.assert_allclose(rev, d[0] + term2[0, 0], rtol=1e-12)
+    # diagnostics stay in the order the conditions were given, whichever is guided first
+    np.testing.assert_allclose(info_rev.energies, info_fwd.energies, rtol=1e-12)
+    np.testing.assert_allclose(info_rev.displacement_norms, [np.linalg.norm(term2[0, 0]), np.linalg.norm(d[0])],
+                               rtol=1e-12)
     assert np.linalg.norm(fwd - rev) > 1e-6 * np.linalg.norm(fwd)
 
 

@@ -58,15 +58,17 @@ class Independent(NamedTuple):
 
 
 class Dependent(NamedTuple):
-    """Z-Magic Algorithm 1 for the ordered pair (first, second) = ``conditions``.
+    """Z-Magic Algorithm 1 on two conditions, guiding ``conditions[order[0]]`` first.
 
     ``xhat(x_t) = M0(x_t) + d_1(x_t) + sigma z`` (same ``z`` as the final update),
     ``gh = d_2`` evaluated at ``xhat`` and held constant, term II ``= J_xhat(x_t)^T gh`` by one
     ``jax.vjp`` (it holds ``A^T gh`` and ``b_t H_{c1} gh`` exactly, paper Eqs. 6-7; nothing is
     materialised), and ``d = d_1 + term II``. ``xhat_time`` says which level the denoiser sees at
     ``xhat``: ``"current"`` (``t``, as the public fork does) or ``"next"`` (``t_next``).
+    Diagnostics keep the order of ``conditions``.
     """
     conditions: tuple
+    order: tuple = (0, 1)
     xhat_time: str = "current"
     name: str = "dependent"
 
@@ -101,7 +103,7 @@ def dependent(conditions: Sequence[Condition], order=(0, 1), xhat_time: str = "c
                          "Use multi(conditions) for more.")
     if tuple(sorted(order)) != (0, 1):
         raise ValueError(f"dependent: order must be (0, 1) or (1, 0); got {order!r}.")
-    return Dependent(tuple(conditions[i] for i in order), _check_xhat_time(xhat_time, "dependent"))
+    return Dependent(conditions, tuple(int(i) for i in order), _check_xhat_time(xhat_time, "dependent"))
 
 
 def multi(conditions: Sequence[Condition], c: float = 0.5, rescale: str = "1+c^2",
@@ -232,11 +234,12 @@ def _pair_finite(n, leaders, followers, pair_ok, lead_ok):
 
 
 def _dependent(scheme: Dependent, eps_fn, sampler, x, ctx, noise):
+    first, second = scheme.order
     d, term2, energies, eps, pair_ok = dependent_terms(
-        scheme.conditions, eps_fn, sampler, x, ctx, noise, (0,), ((1,),), scheme.xhat_time)
+        scheme.conditions, eps_fn, sampler, x, ctx, noise, (first,), ((second,),), scheme.xhat_time)
     d1, t2 = d[0], term2[0, 0]
-    finite = _pair_finite(2, (0,), ((1,),), pair_ok, _all_finite(d))
-    norms = jnp.stack([jnp.linalg.norm(d1), jnp.linalg.norm(t2)])
+    finite = _pair_finite(2, (first,), ((second,),), pair_ok, _all_finite(d))
+    norms = jnp.zeros((2,), x.dtype).at[first].set(jnp.linalg.norm(d1)).at[second].set(jnp.linalg.norm(t2))
     return _finalize(eps, d1 + t2, energies, norms, _cosine(d1, t2), finite)
 
 
