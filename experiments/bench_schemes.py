@@ -59,19 +59,25 @@ class Config(NamedTuple):
     grids: tuple              # grid lengths of section 3
     build_dims: tuple         # dimensions at which make_testbed's build time is measured
     image_size: int           # side of the square RGB images of section 2
-    testbed_counts: tuple     # condition counts n of independent / multi in section 1
+    testbed_plan: tuple       # (scheme, n) step functions of section 1
     testbed_split: tuple      # n whose multi step is split into pair terms and CAGrad
-    conv_counts: tuple        # the same for section 2
+    conv_plan: tuple          # the same for section 2
     conv_split: tuple
 
 
-# Compilation dominates the quick run (a few seconds per step function, whatever the size),
-# so it also drops the largest condition counts.
+def _plan(counts):
+    """none and dependent on 2 conditions; independent and multi on each n of ``counts``."""
+    return (("none", 2), ("dependent", 2)) + tuple((s, n) for n in counts for s in ("independent", "multi"))
+
+
+# Compilation (seconds per step function, whatever the size) dominates the quick run, so it
+# keeps one function per code path: FISTA CAGrad (n = 3) on the testbed, dependent on the conv net.
 FULL = Config(dim=4096, batch=4, repeats=7, compile_repeats=5, grids=(10, 100, 1000), build_dims=(512, 1024),
-              image_size=32, testbed_counts=(2, 3, 4), testbed_split=(2, 3, 4), conv_counts=(2, 3),
+              image_size=32, testbed_plan=_plan((2, 3, 4)), testbed_split=(2, 3, 4), conv_plan=_plan((2, 3)),
               conv_split=(2, 3))
-QUICK = Config(dim=512, batch=4, repeats=3, compile_repeats=2, grids=(10, 100), build_dims=(256,),
-               image_size=16, testbed_counts=(2, 3), testbed_split=(3,), conv_counts=(2,), conv_split=())
+QUICK = Config(dim=512, batch=4, repeats=3, compile_repeats=1, grids=(10, 100), build_dims=(256,),
+               image_size=16, testbed_plan=(("independent", 2), ("dependent", 2), ("independent", 3), ("multi", 3)),
+               testbed_split=(3,), conv_plan=(("independent", 2), ("dependent", 2)), conv_split=())
 
 
 class Problem(NamedTuple):
@@ -359,15 +365,13 @@ def cagrad_step(tasks):
     return jax.vmap(zm.cagrad)(tasks)
 
 
-def scheme_section(problem: Problem, counts: tuple, split_counts: tuple, repeats: int) -> dict:
-    """Per-step seconds, compile seconds and memory of none / independent(n) / dependent(2) /
-    multi(n), timed round-robin, with ratios to independent on the same n; then multi's step
-    split into its pair terms and its CAGrad solve."""
+def scheme_section(problem: Problem, plan: tuple, split_counts: tuple, repeats: int) -> dict:
+    """Per-step seconds, compile seconds and memory of the ``(scheme, n)`` step functions of
+    ``plan``, timed round-robin, with ratios to independent on the same n; then multi's step
+    split into its pair terms and its CAGrad solve for each n of ``split_counts``."""
     ctx = _mid_context()
     keys = jax.random.split(jax.random.PRNGKey(2), problem.x.shape[0])
     args = (problem.params, keys, problem.x, ctx)
-    plan = [("none", 2)] + [("independent", n) for n in counts] + [("dependent", 2)] + \
-           [("multi", n) for n in counts]
     calls, entries = {}, {}
     for scheme_name, n in plan:
         label = f"{scheme_name}_n{n}"
@@ -377,13 +381,14 @@ def scheme_section(problem: Problem, counts: tuple, split_counts: tuple, repeats
     for label, timing in time_round_robin(calls, repeats).items():
         entries[label].update(timing)
     per_step = lambda label: entries[label]["seconds_median"]
-    ratios = {"none_n2/independent_n2": per_step("none_n2") / per_step("independent_n2"),
-              "dependent_n2/independent_n2": per_step("dependent_n2") / per_step("independent_n2")}
-    ratios.update({f"multi_n{n}/independent_n{n}": per_step(f"multi_n{n}") / per_step(f"independent_n{n}")
-                   for n in counts})
+    ratios = {f"{label}/independent_n{e['n']}": per_step(label) / per_step(f"independent_n{e['n']}")
+              for label, e in entries.items()
+              if e["scheme"] != "independent" and f"independent_n{e['n']}" in entries}
 
-    split_calls, split = {}, {}
+    split_calls, split = {}, {}  # each multi step is timed again, side by side with its parts
     for n in split_counts:
+        split_calls[f"multi_n{n}"] = calls[f"multi_n{n}"]
+        split[f"multi_n{n}"] = {}
         compiled, seconds, memory = compile_step(pair_terms_step(problem, n), args)
         split_calls[f"pair_terms_n{n}"] = (compiled, args)
         tasks = jax.random.normal(jax.random.PRNGKey(3), (problem.x.shape[0], n * (n - 1)) + problem.x.shape[1:])
@@ -394,10 +399,9 @@ def scheme_section(problem: Problem, counts: tuple, split_counts: tuple, repeats
     for label, timing in time_round_robin(split_calls, repeats).items():
         split[label].update(timing)
     for n in split_counts:
-        k = n * (n - 1)
-        split[f"multi_n{n}_shares"] = {
-            "pair_terms/multi": split[f"pair_terms_n{n}"]["seconds_median"] / per_step(f"multi_n{n}"),
-            f"cagrad_K{k}/multi": split[f"cagrad_K{k}"]["seconds_median"] / per_step(f"multi_n{n}")}
+        k, multi_s = n * (n - 1), split[f"multi_n{n}"]["seconds_median"]
+        split[f"multi_n{n}_shares"] = {"pair_terms/multi": split[f"pair_terms_n{n}"]["seconds_median"] / multi_s,
+                                       f"cagrad_K{k}/multi": split[f"cagrad_K{k}"]["seconds_median"] / multi_s}
     return {"problem": problem.description, "batch": int(problem.x.shape[0]),
             "step": {"index": MID_STEP, "t": int(ctx.t), "sampler": SAMPLER.name,
                      "rule": "score_rule() (always active)"},
@@ -484,9 +488,9 @@ def main(argv=None):
     sections = (
         ("testbed_build", lambda: testbed_build_times(config.build_dims)),
         ("testbed", lambda: scheme_section(testbed_problem(jax.random.PRNGKey(0), config.dim, config.batch, ctx),
-                                           config.testbed_counts, config.testbed_split, config.repeats)),
+                                           config.testbed_plan, config.testbed_split, config.repeats)),
         ("conv", lambda: scheme_section(conv_problem(jax.random.PRNGKey(1), config.image_size, config.batch, ctx),
-                                        config.conv_counts, config.conv_split, config.repeats)),
+                                        config.conv_plan, config.conv_split, config.repeats)),
         ("compile_vs_steps", lambda: compile_vs_steps(config.grids, config.compile_repeats)),
     )
     for name, run in sections:

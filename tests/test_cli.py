@@ -19,14 +19,16 @@ def test_demo_writes_report_figures_and_table(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["seed"] == 0 and report["settings"]["num_samples"] == 32
     schemes = [(r["setting"], r["scheme"]) for r in report["results"]]
-    assert schemes == [("pair", "none"), ("pair", "independent"), ("pair", "dependent (1->2)"),
+    assert schemes == [("pair", "exact posterior"), ("triple", "exact posterior"),
+                       ("pair", "none"), ("pair", "independent"), ("pair", "dependent (1->2)"),
                        ("pair", "dependent (2->1)"), ("pair", "multi"), ("triple", "independent [3]"),
                        ("triple", "multi [3]")]
-    for r in report["results"]:
+    for r in report["results"][2:]:
         assert set(r["final_energy"]) == set(r["conditions"])
         assert r["energy_distance"] >= 0 and r["sliced_wasserstein"] >= 0 and r["wall_time_s"] > 0
         assert (r["mean_guided_cosine"] is None) == (r["scheme"] == "none")
-    none, guided = report["results"][0], report["results"][1]
+    exact, none, guided = report["results"][0], report["results"][2], report["results"][3]
+    assert exact["energy_distance"] == exact["noise_floor"]["energy_distance"] > 0
     # guidance pulls toward the exact posterior
     assert guided["energy_distance"] < none["energy_distance"]
     table = capsys.readouterr().out

@@ -16,7 +16,8 @@ def _table(report: dict) -> str:
         cos = r["mean_guided_cosine"]
         rows.append((str(r["dim"]), r["setting"], r["scheme"], fmt("class"), fmt("measurement_1"),
                      fmt("measurement_2"), f"{r['energy_distance']:.3f}", f"{r['sliced_wasserstein']:.3f}",
-                     "-" if cos is None else f"{cos:+.3f}", str(r["diverged_samples"]), f"{r['wall_time_s']:.1f}"))
+                     "-" if cos is None else f"{cos:+.3f}", str(r["diverged_samples"]),
+                     "-" if r["wall_time_s"] is None else f"{r['wall_time_s']:.1f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
