@@ -121,7 +121,8 @@ def _run_all(out: Path, settings: DemoSettings, progress) -> dict:
         for setting, reference in (("pair", conds[:2]), ("triple", conds)):
             # The target itself, scored like a scheme: its energies show what "fits the
             # conditions" means here (lower than this is over-fitting, not a better sample).
-            energies = np.asarray(jax.vmap(lambda x: jnp.stack([c.energy(x) for c in reference]))(exact[setting]))
+            energies = np.asarray(jax.vmap(lambda x: jnp.stack([c.energy(x) for c in reference]))(exact[setting]),
+                                  np.float64)
             report["results"].append({
                 "dim": dim, "setting": setting, "scheme": "exact posterior",
                 "conditions": [c.name for c in reference],
@@ -140,7 +141,8 @@ def _run_all(out: Path, settings: DemoSettings, progress) -> dict:
                 x0, trace = sample(k_run, x_T, eps_fn, schedule, grid, scheme, sampler, nan_policy="skip")
             x0 = jax.block_until_ready(x0)
             seconds = time.perf_counter() - start
-            energies = np.asarray(jax.vmap(lambda x: jnp.stack([c.energy(x) for c in scheme.conditions]))(x0))
+            energies = np.asarray(jax.vmap(lambda x: jnp.stack([c.energy(x) for c in scheme.conditions]))(x0),
+                                  np.float64)
             ok = np.asarray(jnp.all(jnp.isfinite(x0), axis=-1)) & np.all(np.isfinite(energies), axis=-1)
             x0, energies = x0[ok], energies[ok]
             entry = {
