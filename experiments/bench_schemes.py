@@ -4,18 +4,21 @@
 
 Sections of the JSON report:
 
-1. ``testbed``: one jitted guided step (the kernel of ``zm.guided_kernel`` vmapped over a small
-   batch, at a mid-grid step where every condition is active) on the exact Gaussian-mixture
-   testbed, for none / independent / dependent / multi; plus a split of multi's step into its
-   pair terms (``zm.dependent_terms``) and its CAGrad solve.
-2. ``conv``: the same on a small random-init convolutional UNet with three image energies.
-3. ``compile_vs_steps``: first call of ``zm.sample`` (trace + compile + run) minus a second call
-   (run only), for grids of increasing length; the scan should keep it flat.
-4. Memory: ``memory_analysis()`` of every compiled step function, next to its timing.
+* ``testbed_build``: seconds of ``make_testbed`` at small dimensions (why section 1 does not
+  call it at d = 4096).
+* ``testbed``: one jitted guided step (``zm.guided_kernel`` vmapped over a small batch, at a
+  mid-grid step where every condition is active) on the exact Gaussian-mixture testbed at
+  d = 4096, for none / independent / dependent / multi; the shares of multi's step spent in its
+  pair terms (``zm.dependent_terms``) and in its CAGrad solve; a probe of the two batched
+  contractions of the mixture denoiser, which XLA:CPU runs at very different speeds.
+* ``conv``: the same on a small random-init convolutional UNet with three image energies.
+* ``compile_vs_steps``: first call of ``zm.sample`` (trace + compile + run) minus a second call
+  (run only), for grids of 10, 100 and 1000 steps; the scan should keep it flat.
+* Memory: ``memory_analysis()`` of every compiled function, next to its timing.
 
 Times are ``time.perf_counter`` around ``jax.block_until_ready``, after a warm-up call. The
-functions compared in one section are timed round-robin (one call of each per round), so load
-from other processes on a shared machine hits them alike; ratios are taken within a section.
+functions of a section are timed round-robin (one call of each per round), so load from other
+processes on a shared machine hits them alike; ratios are taken within a section.
 """
 from __future__ import annotations
 
@@ -25,9 +28,11 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import time
 import warnings
 from functools import partial
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import flax
@@ -63,6 +68,7 @@ class Config(NamedTuple):
     testbed_split: tuple      # n whose multi step is split into pair terms and CAGrad
     conv_plan: tuple          # the same for section 2
     conv_split: tuple
+    probe_counts: tuple       # vectors per component in the testbed's contraction probe
 
 
 def _plan(counts):
@@ -71,13 +77,14 @@ def _plan(counts):
 
 
 # Compilation (seconds per step function, whatever the size) dominates the quick run, so it
-# keeps one function per code path: FISTA CAGrad (n = 3) on the testbed, dependent on the conv net.
-FULL = Config(dim=4096, batch=4, repeats=7, compile_repeats=5, grids=(10, 100, 1000), build_dims=(512, 1024),
-              image_size=32, testbed_plan=_plan((2, 3, 4)), testbed_split=(2, 3, 4), conv_plan=_plan((2, 3)),
-              conv_split=(2, 3))
+# compiles few functions: multi with the iterative CAGrad solver (n = 3) on the testbed, the
+# dependent scheme on the conv net, and none of the probes.
+FULL = Config(dim=4096, batch=4, repeats=5, compile_repeats=5, grids=(10, 100, 1000), build_dims=(512, 1024),
+              image_size=32, testbed_plan=_plan((2, 3, 4)), testbed_split=(4,), conv_plan=_plan((2, 3)),
+              conv_split=(3,), probe_counts=(1, 4, 8))
 QUICK = Config(dim=512, batch=4, repeats=3, compile_repeats=1, grids=(10, 100), build_dims=(256,),
-               image_size=16, testbed_plan=(("independent", 2), ("dependent", 2), ("independent", 3), ("multi", 3)),
-               testbed_split=(3,), conv_plan=(("independent", 2), ("dependent", 2)), conv_split=())
+               image_size=16, testbed_plan=(("independent", 3), ("multi", 3)), testbed_split=(),
+               conv_plan=(("none", 2), ("dependent", 2)), conv_split=(), probe_counts=())
 
 
 class Problem(NamedTuple):
@@ -307,6 +314,9 @@ def memory_report(compiled):
     for field in MEMORY_FIELDS:
         value = getattr(stats, field, None)
         report[field] = None if value is None else int(value)
+    parts = [report[f] for f in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                                 "alias_size_in_bytes")]
+    report["live_bytes_bound"] = None if None in parts else parts[0] + parts[1] + parts[2] - parts[3]
     return report
 
 
@@ -360,52 +370,72 @@ def pair_terms_step(problem: Problem, n: int):
     return step
 
 
-def cagrad_step(tasks):
-    """``zm.cagrad`` on ``(batch, K, ...)`` task gradients, vmapped over the batch."""
-    return jax.vmap(zm.cagrad)(tasks)
+def cagrad_step(scheme):
+    """``cagrad_step(tasks)``: the CAGrad call of ``scheme`` (a multi scheme: its ``c``, rescale
+    and solver iterations) on ``(batch, K, ...)`` task gradients, vmapped over the batch."""
+    solve = partial(zm.cagrad, c=scheme.c, rescale=scheme.rescale, num_iters=scheme.cagrad_iters)
+    return jax.vmap(solve)
 
 
-def scheme_section(problem: Problem, plan: tuple, split_counts: tuple, repeats: int) -> dict:
+def scheme_section(problem: Problem, ctx, plan: tuple, split_counts: tuple, repeats: int) -> dict:
     """Per-step seconds, compile seconds and memory of the ``(scheme, n)`` step functions of
-    ``plan``, timed round-robin, with ratios to independent on the same n; then multi's step
-    split into its pair terms and its CAGrad solve for each n of ``split_counts``."""
-    ctx = _mid_context()
-    keys = jax.random.split(jax.random.PRNGKey(2), problem.x.shape[0])
+    ``plan``, with ratios to independent on the same n. Timed in the same rounds: the CAGrad
+    solve of every multi step in ``plan`` and, for each n of ``split_counts``, multi's pair terms
+    without CAGrad, giving each part's share of the multi step."""
+    batch = problem.x.shape[0]
+    keys = jax.random.split(jax.random.PRNGKey(2), batch)
     args = (problem.params, keys, problem.x, ctx)
+    functions = {f"{name}_n{n}": (guided_step(problem, name, n), args) for name, n in plan}
+    functions.update({f"pair_terms_n{n}": (pair_terms_step(problem, n), args) for n in split_counts})
+    multi_counts = [n for name, n in plan if name == "multi"]
+    cagrad_iters = {}
+    for n in multi_counts:
+        scheme = zm.scheme_by_name("multi", problem.conditions(problem.params)[:n])
+        cagrad_iters[f"cagrad_K{n * (n - 1)}"] = scheme.cagrad_iters if n > 2 else "closed form (K = 2)"
+        tasks = jax.random.normal(jax.random.PRNGKey(3), (batch, n * (n - 1)) + problem.x.shape[1:])
+        functions[f"cagrad_K{n * (n - 1)}"] = (cagrad_step(scheme), (tasks,))
     calls, entries = {}, {}
-    for scheme_name, n in plan:
-        label = f"{scheme_name}_n{n}"
-        compiled, seconds, memory = compile_step(guided_step(problem, scheme_name, n), args)
-        calls[label] = (compiled, args)
-        entries[label] = {"scheme": scheme_name, "n": n, "compile_seconds": seconds, "memory": memory}
+    for label, (fn, fn_args) in functions.items():
+        compiled, seconds, memory = compile_step(fn, fn_args)
+        calls[label] = (compiled, fn_args)
+        entries[label] = {"compile_seconds": seconds, "memory": memory}
     for label, timing in time_round_robin(calls, repeats).items():
         entries[label].update(timing)
     per_step = lambda label: entries[label]["seconds_median"]
-    ratios = {f"{label}/independent_n{e['n']}": per_step(label) / per_step(f"independent_n{e['n']}")
-              for label, e in entries.items()
-              if e["scheme"] != "independent" and f"independent_n{e['n']}" in entries}
-
-    split_calls, split = {}, {}  # each multi step is timed again, side by side with its parts
-    for n in split_counts:
-        split_calls[f"multi_n{n}"] = calls[f"multi_n{n}"]
-        split[f"multi_n{n}"] = {}
-        compiled, seconds, memory = compile_step(pair_terms_step(problem, n), args)
-        split_calls[f"pair_terms_n{n}"] = (compiled, args)
-        tasks = jax.random.normal(jax.random.PRNGKey(3), (problem.x.shape[0], n * (n - 1)) + problem.x.shape[1:])
-        compiled_cagrad, seconds_cagrad, memory_cagrad = compile_step(cagrad_step, (tasks,))
-        split_calls[f"cagrad_K{n * (n - 1)}"] = (compiled_cagrad, (tasks,))
-        split[f"pair_terms_n{n}"] = {"compile_seconds": seconds, "memory": memory}
-        split[f"cagrad_K{n * (n - 1)}"] = {"compile_seconds": seconds_cagrad, "memory": memory_cagrad}
-    for label, timing in time_round_robin(split_calls, repeats).items():
-        split[label].update(timing)
-    for n in split_counts:
-        k, multi_s = n * (n - 1), split[f"multi_n{n}"]["seconds_median"]
-        split[f"multi_n{n}_shares"] = {"pair_terms/multi": split[f"pair_terms_n{n}"]["seconds_median"] / multi_s,
-                                       f"cagrad_K{k}/multi": split[f"cagrad_K{k}"]["seconds_median"] / multi_s}
-    return {"problem": problem.description, "batch": int(problem.x.shape[0]),
+    ratios = {f"{name}_n{n}/independent_n{n}": per_step(f"{name}_n{n}") / per_step(f"independent_n{n}")
+              for name, n in plan if name != "independent" and ("independent", n) in plan}
+    shares = {f"cagrad_K{n * (n - 1)}/multi_n{n}": per_step(f"cagrad_K{n * (n - 1)}") / per_step(f"multi_n{n}")
+              for n in multi_counts}
+    shares.update({f"pair_terms_n{n}/multi_n{n}": per_step(f"pair_terms_n{n}") / per_step(f"multi_n{n}")
+                   for n in split_counts})
+    return {"problem": problem.description, "batch": batch,
             "step": {"index": MID_STEP, "t": int(ctx.t), "sampler": SAMPLER.name,
                      "rule": "score_rule() (always active)"},
-            "steps": entries, "ratios": ratios, "multi_split": split}
+            "functions": entries, "ratios": ratios, "multi_shares": shares, "cagrad_iters": cagrad_iters}
+
+
+def contraction_probe(problem: Problem, counts: tuple, repeats: int) -> dict:
+    """Seconds of the mixture denoiser's two batched contractions with the testbed's ``(K, d, d)``
+    eigenvectors, for ``n`` vectors per component as under ``vmap``: ``U_k^T v``
+    (``"kji,nkj->nki"``, its whitening) and ``U_k v`` (``"kij,nkj->nki"``, its score); the
+    backward pass of each uses the other form."""
+    eigvecs = problem.params[0].eigvecs
+    calls = {}
+    for n in counts:
+        vectors = jax.random.normal(jax.random.PRNGKey(6), (n,) + eigvecs.shape[:2])
+        for name, spec in (("transposed_kji", "kji,nkj->nki"), ("plain_kij", "kij,nkj->nki")):
+            fn = lambda u, v, spec=spec: jnp.einsum(spec, u, v)
+            calls[f"{name}_n{n}"] = (compile_step(fn, (eigvecs, vectors))[0], (eigvecs, vectors))
+    return {"eigvecs_shape": list(eigvecs.shape), "contractions": time_round_robin(calls, repeats)}
+
+
+def testbed_section(config: Config, ctx) -> dict:
+    """Section 1: :func:`scheme_section` on the testbed problem, then its contraction probe."""
+    problem = testbed_problem(jax.random.PRNGKey(0), config.dim, config.batch, ctx)
+    report = scheme_section(problem, ctx, config.testbed_plan, config.testbed_split, config.repeats)
+    if config.probe_counts:
+        report["contraction_probe"] = contraction_probe(problem, config.probe_counts, config.repeats)
+    return report
 
 
 def _mid_context():
@@ -414,19 +444,14 @@ def _mid_context():
 
 
 def testbed_build_times(dims: tuple) -> dict:
-    """Seconds of ``make_testbed(PRNGKey(0), d, num_components=4)`` (compile included: a user's
-    first build at that size), and the growth exponent between the first and last size."""
+    """Seconds of ``make_testbed(PRNGKey(0), d, num_components=4)``, compile included (a user's
+    first build at that size)."""
     seconds = {}
     for dim in dims:
         start = time.perf_counter()
         jax.block_until_ready(make_testbed(jax.random.PRNGKey(0), dim, num_components=4))
         seconds[str(dim)] = time.perf_counter() - start
-    report = {"seconds": seconds}
-    if len(dims) > 1:
-        exponent = math.log(seconds[str(dims[-1])] / seconds[str(dims[0])]) / math.log(dims[-1] / dims[0])
-        report["growth_exponent"] = exponent
-        report["extrapolated_seconds_at_4096"] = seconds[str(dims[-1])] * (4096 / dims[-1]) ** exponent
-    return report
+    return {"seconds": seconds}
 
 
 def compile_vs_steps(grids: tuple, repeats: int, dim=16, batch=8) -> dict:
@@ -463,9 +488,20 @@ def compile_vs_steps(grids: tuple, repeats: int, dim=16, batch=8) -> dict:
             "grids": report, "compile_ratio_longest/shortest": medians[-1] / medians[0]}
 
 
+def library_revision() -> dict:
+    """Git commit of the checkout and whether ``zmagic_jax/`` differs from it (None outside git)."""
+    root = Path(__file__).resolve().parent.parent
+    git = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD") or None,
+                "zmagic_jax_modified": bool(git("status", "--porcelain", "--", "zmagic_jax"))}
+    except OSError:
+        return {"commit": None, "zmagic_jax_modified": None}
+
+
 def machine_info() -> dict:
     """Versions, backend and CPU of this run."""
-    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+    return {"zmagic_jax": library_revision(), "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
             "numpy": np.__version__, "python": platform.python_version(),
             "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
             "cpu_count": os.cpu_count(), "cpu_affinity": len(os.sched_getaffinity(0)),
@@ -484,13 +520,16 @@ def main(argv=None):
     ctx = _mid_context()
     report = {"machine": machine_info(), "mode": "quick" if args.quick else "full",
               "config": config._asdict(),
-              "timing": "median of repeats after a warm-up; functions of a section timed round-robin"}
+              "timing": "median of repeats after a warm-up; functions of a section timed round-robin",
+              "memory": "memory_analysis() of each compiled function; live_bytes_bound = argument + output + "
+                        "temp - alias bytes. XLA:CPU's peak_memory_in_bytes stays near the argument size "
+                        "(it seems not to count temp buffers), so read temp_size_in_bytes for the "
+                        "scheme's own working memory."}
     sections = (
         ("testbed_build", lambda: testbed_build_times(config.build_dims)),
-        ("testbed", lambda: scheme_section(testbed_problem(jax.random.PRNGKey(0), config.dim, config.batch, ctx),
-                                           config.testbed_plan, config.testbed_split, config.repeats)),
+        ("testbed", lambda: testbed_section(config, ctx)),
         ("conv", lambda: scheme_section(conv_problem(jax.random.PRNGKey(1), config.image_size, config.batch, ctx),
-                                        config.conv_plan, config.conv_split, config.repeats)),
+                                        ctx, config.conv_plan, config.conv_split, config.repeats)),
         ("compile_vs_steps", lambda: compile_vs_steps(config.grids, config.compile_repeats)),
     )
     for name, run in sections:

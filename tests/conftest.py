@@ -1,6 +1,7 @@
 """Shared fixtures: small closed-form denoisers used across the suite."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 
@@ -25,6 +26,16 @@ def gaussian_eps_fn(schedule, mean, var):
         score = -(x - jnp.sqrt(ab) * mean) / (ab * var + 1.0 - ab)
         return -jnp.sqrt(1.0 - ab) * score
     return eps_fn
+
+
+def random_mixture_params(seed, num=3, dim=3, mean_std=1.5, jitter=0.1):
+    """Positive weights, means and random SPD covariances of a mixture (numpy, float64)."""
+    rng = np.random.default_rng(seed)
+    weights = rng.uniform(0.5, 2.0, num)
+    means = rng.normal(0.0, mean_std, (num, dim))
+    roots = rng.normal(size=(num, dim, dim))
+    covs = roots @ roots.transpose(0, 2, 1) / dim + jitter * np.eye(dim)
+    return weights, means, covs
 
 
 @pytest.fixture

@@ -3,10 +3,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental import enable_x64
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal as mvn
 
+from tests.conftest import random_mixture_params
 from zmagic_jax.models import (
     GaussianMixture,
     component_x0_posterior,
@@ -27,20 +27,11 @@ from zmagic_jax.models import (
 ALPHA_BARS = [0.0, 1e-3, 0.3, 0.9, 1.0]
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    with enable_x64():
-        yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def random_params(seed, num=3, dim=3):
-    """Unnormalised weights, means and random SPD covariances."""
-    rng = np.random.default_rng(seed)
-    weights = rng.uniform(0.5, 2.0, num)
-    means = rng.normal(0.0, 1.5, (num, dim))
-    roots = rng.normal(size=(num, dim, dim))
-    covs = roots @ roots.transpose(0, 2, 1) / dim + 0.1 * np.eye(dim)
-    return weights, means, covs
+    return random_mixture_params(seed, num, dim)
 
 
 @pytest.fixture

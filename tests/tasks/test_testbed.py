@@ -4,11 +4,11 @@ from functools import partial
 import jax
 import numpy as np
 import pytest
-from jax.experimental import enable_x64
 from scipy.special import logsumexp
 from scipy.stats import chi2
 from scipy.stats import multivariate_normal as mvn
 
+from tests.conftest import random_mixture_params
 from zmagic_jax.models import (
     condition_on_linear,
     gaussian_mixture,
@@ -27,18 +27,8 @@ from zmagic_jax.tasks import (
 )
 
 
-@pytest.fixture
-def x64():
-    with enable_x64():
-        yield
-
-
 def random_params(seed, num=3, dim=3):
-    rng = np.random.default_rng(seed)
-    weights = rng.uniform(0.5, 2.0, num)
-    means = rng.normal(0.0, 1.0, (num, dim))
-    roots = rng.normal(size=(num, dim, dim))
-    covs = roots @ roots.transpose(0, 2, 1) / dim + 0.2 * np.eye(dim)
+    weights, means, covs = random_mixture_params(seed, num, dim, mean_std=1.0, jitter=0.2)
     return weights / weights.sum(), means, covs
 
 
