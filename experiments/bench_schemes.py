@@ -414,19 +414,31 @@ def scheme_section(problem: Problem, ctx, plan: tuple, split_counts: tuple, repe
             "functions": entries, "ratios": ratios, "multi_shares": shares, "cagrad_iters": cagrad_iters}
 
 
+# The batched dot_general forms in which the compiled testbed steps read the eigenvectors U
+# (K, d, d) (as listed by their optimised HLO): U^T v or U v, with U as the left or the right
+# operand, batched over the K components. name -> (dimension numbers, vectors are the left operand)
+DOT_FORMS = {
+    "UTv_U_left": ((((1,), (1,)), ((0,), (0,))), False),
+    "Uv_U_left": ((((2,), (1,)), ((0,), (0,))), False),
+    "Uv_U_right": ((((2,), (2,)), ((0,), (0,))), True),
+    "UTv_U_right": ((((2,), (1,)), ((0,), (0,))), True),
+}
+
+
 def contraction_probe(problem: Problem, counts: tuple, repeats: int) -> dict:
-    """Seconds of the mixture denoiser's two batched contractions with the testbed's ``(K, d, d)``
-    eigenvectors, for ``n`` vectors per component as under ``vmap``: ``U_k^T v``
-    (``"kji,nkj->nki"``, its whitening) and ``U_k v`` (``"kij,nkj->nki"``, its score); the
-    backward pass of each uses the other form."""
+    """Seconds of each :data:`DOT_FORMS` contraction of the testbed's eigenvectors with ``n``
+    vectors per component (``n`` = batch x leaders under ``vmap``); equal work, unequal speed."""
     eigvecs = problem.params[0].eigvecs
+    num, dim, _ = eigvecs.shape
     calls = {}
     for n in counts:
-        vectors = jax.random.normal(jax.random.PRNGKey(6), (n,) + eigvecs.shape[:2])
-        for name, spec in (("transposed_kji", "kji,nkj->nki"), ("plain_kij", "kij,nkj->nki")):
-            fn = lambda u, v, spec=spec: jnp.einsum(spec, u, v)
+        for name, (dims, vectors_left) in DOT_FORMS.items():
+            vectors = jax.random.normal(jax.random.PRNGKey(6), (num, n, dim) if vectors_left else (num, dim, n))
+            fn = (lambda u, v, dims=dims: jax.lax.dot_general(v, u, dims)) if vectors_left else \
+                 (lambda u, v, dims=dims: jax.lax.dot_general(u, v, dims))
             calls[f"{name}_n{n}"] = (compile_step(fn, (eigvecs, vectors))[0], (eigvecs, vectors))
-    return {"eigvecs_shape": list(eigvecs.shape), "contractions": time_round_robin(calls, repeats)}
+    return {"eigvecs_shape": list(eigvecs.shape), "dimension_numbers": {k: v[0] for k, v in DOT_FORMS.items()},
+            "contractions": time_round_robin(calls, repeats)}
 
 
 def testbed_section(config: Config, ctx) -> dict:
@@ -501,8 +513,8 @@ def library_revision() -> dict:
 
 def machine_info() -> dict:
     """Versions, backend and CPU of this run."""
-    return {"zmagic_jax": library_revision(), "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-            "numpy": np.__version__, "python": platform.python_version(),
+    return {"zmagic_jax": library_revision(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "flax": flax.__version__, "numpy": np.__version__, "python": platform.python_version(),
             "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
             "cpu_count": os.cpu_count(), "cpu_affinity": len(os.sched_getaffinity(0)),
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -510,6 +522,7 @@ def machine_info() -> dict:
 
 
 def main(argv=None):
+    """Run every section of the full (or ``--quick``) configuration and write the JSON report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="JSON report path (written atomically)")
     parser.add_argument("--quick", action="store_true",
