@@ -1,0 +1,11 @@
+"""Building blocks of perception energies: PyTorch-exact bicubic resize, normalisation, Gram matrices."""
+from zmagic_jax.energies._image import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    bicubic_matrix,
+    gram_matrix,
+    normalize_signed,
+    resize_bicubic,
+)
