@@ -15,3 +15,10 @@ from zmagic_jax.models._gmm import (
     select_component,
     x0_posterior,
 )
+from zmagic_jax.models._stable_diffusion import (
+    StableDiffusion,
+    decode_latents,
+    encode_prompt,
+    latent_eps_fn,
+    load_stable_diffusion,
+)

@@ -1,0 +1,280 @@
+"""Stable Diffusion loader: Flax networks vs the PyTorch ones on a tiny random SD."""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from zmagic_jax.models import (  # noqa: E402
+    decode_latents,
+    encode_prompt,
+    latent_eps_fn,
+    load_stable_diffusion,
+)
+
+# A toy BPE vocabulary (CLIP marks word ends with </w>); enough to tokenise the test prompts.
+_VOCAB = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "lo", "l</w>", "w</w>", "r</w>",
+          "t</w>", "low</w>", "er</w>", "lowest</w>", "newer</w>", "wider", "<|startoftext|>",
+          "<|endoftext|>"]
+_MERGES = ["#version: 0.2", "l o", "lo w</w>", "e r</w>"]
+PROMPTS = ["lower newer", "lowest wider lower"]
+
+
+def _rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _offline():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory, _offline):
+    """A tiny random SD saved three ways: PyTorch safetensors, PyTorch .bin, Flax msgpack."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, FlaxAutoencoderKL,
+                           FlaxUNet2DConditionModel, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, FlaxCLIPTextModel
+
+    root = tmp_path_factory.mktemp("sd")
+    pt, pt_bin, fx = root / "pt", root / "pt_bin", root / "flax"
+    torch.manual_seed(0)
+
+    tok_dir = root / "tok_src"
+    tok_dir.mkdir()
+    (tok_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(_VOCAB)}))
+    (tok_dir / "merges.txt").write_text("\n".join(_MERGES) + "\n")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"),
+                              model_max_length=77)
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
+        out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8).eval()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=16, sample_size=16).eval()
+    text = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=len(_VOCAB), max_position_embeddings=77, bos_token_id=20, eos_token_id=21,
+        pad_token_id=21)).eval()
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False)
+    # Random init leaves some layers at exactly zero (e.g. UNet conv_out); perturb every
+    # parameter so that each one influences the outputs compared below.
+    with torch.no_grad():
+        for model in (unet, vae, text):
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+
+    for folder, safe in ((pt, True), (pt_bin, False)):
+        unet.save_pretrained(folder / "unet", safe_serialization=safe)
+        vae.save_pretrained(folder / "vae", safe_serialization=safe)
+        text.save_pretrained(folder / "text_encoder", safe_serialization=safe)
+        tokenizer.save_pretrained(folder / "tokenizer")
+        scheduler.save_pretrained(folder / "scheduler")
+
+    # The Flax copy goes through the Flax classes' own from_pt loading (diffusers' reads .bin
+    # only). Their converters only need the names/shapes of a random init, so `init_weights` is
+    # swapped for its shape tree: a real op-by-op random init of the UNet takes ~30 s on CPU.
+    with pytest.MonkeyPatch.context() as mp:
+        for cls in (FlaxUNet2DConditionModel, FlaxAutoencoderKL, FlaxCLIPTextModel):
+            mp.setattr(cls, "init_weights", lambda self, *a, init=cls.init_weights, **k:
+                       jax.eval_shape(lambda: init(self, *a, **k)))
+        for cls, sub in ((FlaxUNet2DConditionModel, "unet"), (FlaxAutoencoderKL, "vae")):
+            model, params = cls.from_pretrained(str(pt_bin / sub), from_pt=True,
+                                                local_files_only=True)
+            model.save_pretrained(str(fx / sub), params=params)
+        FlaxCLIPTextModel.from_pretrained(str(pt / "text_encoder"), from_pt=True,
+                                          local_files_only=True).save_pretrained(
+                                              str(fx / "text_encoder"))
+    shutil.copytree(pt / "tokenizer", fx / "tokenizer")
+    shutil.copytree(pt / "scheduler", fx / "scheduler")
+    return dict(pt=pt, pt_bin=pt_bin, flax=fx, unet=unet, vae=vae, text=text,
+                tokenizer=tokenizer, scheduler=scheduler)
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_sd):
+    return load_stable_diffusion(tiny_sd["pt"])
+
+
+def _latent(seed=1, shape=(4, 8, 8)):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+# Eager op-by-op UNet execution and XLA's optimising CPU compile each cost tens of seconds
+# here; a compile without the expensive LLVM passes keeps the suite fast (results still float32).
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _compile(fn, *args):
+    return jax.jit(fn).lower(*args).compile(compiler_options=_FAST_COMPILE)
+
+
+@pytest.fixture(scope="module")
+def guided_eps(sd):
+    """``latent_eps_fn`` with the embeddings and scale as arguments, compiled once for all tests."""
+    emb = jnp.zeros((77, 32), jnp.float32)
+    compiled = _compile(lambda x, t, cond, uncond, w: latent_eps_fn(sd, cond, uncond, w)(x, t),
+                        jnp.zeros((4, 8, 8), jnp.float32), jnp.int32(0), emb, emb,
+                        jnp.float32(1.0))
+    return lambda x, t, cond, uncond, w: compiled(
+        jnp.asarray(x), jnp.int32(t), jnp.asarray(cond), jnp.asarray(uncond), jnp.float32(w))
+
+
+def _torch_unet(tiny_sd, x, t, emb):
+    with torch.no_grad():
+        return tiny_sd["unet"](torch.from_numpy(x)[None], torch.tensor([t]),
+                               torch.from_numpy(np.array(emb))[None]).sample.numpy()[0]
+
+
+def test_components_match_pytorch(sd, tiny_sd, guided_eps):
+    tokenizer = tiny_sd["tokenizer"]
+    ids = tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True,
+                    return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref_text = tiny_sd["text"](ids).last_hidden_state.numpy()
+    text = encode_prompt(sd, PROMPTS)
+    assert text.shape == (2, 77, 32)
+    assert _rel_err(text, ref_text) < 1e-4
+
+    # Guidance scale 1 is the conditional UNet alone (eps_u + (eps_c - eps_u) = eps_c).
+    x, t = _latent(), 537
+    eps = guided_eps(x, t, text[0], text[1], 1.0)
+    assert _rel_err(eps, _torch_unet(tiny_sd, x, t, ref_text[0])) < 1e-4
+
+    assert sd.vae_scaling_factor == pytest.approx(tiny_sd["vae"].config.scaling_factor)
+    with torch.no_grad():
+        ref_img = tiny_sd["vae"].decode(
+            torch.from_numpy(x)[None] / sd.vae_scaling_factor).sample.numpy()
+    img = _compile(lambda z: decode_latents(sd, z), x)(x)
+    assert img.shape == (16, 16, 3)  # the tiny VAE upsamples 2x (SD's 4-level VAE: 8x)
+    assert _rel_err(img, ref_img[0].transpose(1, 2, 0)) < 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["flax", "pt_bin"])
+def test_other_formats_load_same_parameters(sd, tiny_sd, fmt):
+    other = load_stable_diffusion(tiny_sd[fmt])
+    for name in ("unet_params", "vae_params", "text_params"):
+        a, b = getattr(sd, name), getattr(other, name)
+        assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+        for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+            np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    np.testing.assert_array_equal(other.schedule.alphas_cumprod, sd.schedule.alphas_cumprod)
+
+
+def test_latent_eps_fn_is_cfg_of_two_pytorch_calls(sd, tiny_sd, guided_eps):
+    emb = np.asarray(encode_prompt(sd, ["lower newer", ""]))
+    # Float32 UNet differences (~1e-5) are amplified by 2w + 1 in the guided output, so a
+    # moderate w keeps the 1e-4 bound meaningful.
+    x, t, w = _latent(2), 250, 2.0
+    eps = guided_eps(x, t, emb[0], emb[1], w)
+    eps_c, eps_u = _torch_unet(tiny_sd, x, t, emb[0]), _torch_unet(tiny_sd, x, t, emb[1])
+    assert eps.shape == x.shape
+    assert _rel_err(eps, eps_u + w * (eps_c - eps_u)) < 1e-4
+
+
+def test_gradient_through_eps_and_decoder_is_finite(sd):
+    emb = encode_prompt(sd, ["lowest", ""])
+    eps_fn = latent_eps_fn(sd, emb[0], emb[1], 3.0)
+    ab = sd.schedule.alphas_cumprod[600]
+
+    def loss(x):  # Tweedie x0 estimate, decoded: the path of latent guidance methods
+        x0 = (x - jnp.sqrt(1 - ab) * eps_fn(x, 600)) / jnp.sqrt(ab)
+        return jnp.sum(decode_latents(sd, x0) ** 2)
+
+    x = jnp.asarray(_latent(3))
+    g = _compile(jax.grad(loss), x)(x)
+    assert g.shape == (4, 8, 8)
+    assert np.all(np.isfinite(g)) and float(jnp.max(jnp.abs(g))) > 0
+
+
+def test_schedule_matches_diffusers(sd, tiny_sd):
+    ref = tiny_sd["scheduler"].alphas_cumprod.numpy()
+    assert sd.schedule.num_train_steps == 1000
+    np.testing.assert_allclose(np.asarray(sd.schedule.alphas_cumprod), ref, atol=1e-6, rtol=0)
+
+
+def test_input_validation(sd):
+    emb = np.zeros((77, 32), np.float32)
+    with pytest.raises(ValueError, match="prompts"):
+        encode_prompt(sd, "a string, not a list")
+    with pytest.raises(ValueError, match="prompt_embeds"):
+        latent_eps_fn(sd, emb[:, :16], emb[:, :16], 1.0)
+    with pytest.raises(ValueError, match="uncond_embeds"):
+        latent_eps_fn(sd, emb, emb[:10], 1.0)
+    with pytest.raises(ValueError, match="x must be"):
+        latent_eps_fn(sd, emb, emb, 1.0)(jnp.zeros((8, 8, 4)), 10)
+    with pytest.raises(ValueError, match="latents"):
+        decode_latents(sd, jnp.zeros((8, 8, 4)))
+
+
+@pytest.fixture
+def sd_copy(tiny_sd, tmp_path):
+    dst = tmp_path / "sd"
+    shutil.copytree(tiny_sd["pt"], dst)
+    return dst
+
+
+def test_missing_folder_and_files(sd_copy, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_stable_diffusion(tmp_path / "nowhere")
+    os.remove(sd_copy / "vae" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"diffusion_pytorch_model\.safetensors") as err:
+        load_stable_diffusion(sd_copy)
+    assert "vae" in str(err.value) and "never downloads" in str(err.value)
+    shutil.rmtree(sd_copy / "unet")
+    with pytest.raises(FileNotFoundError, match="unet") as err:
+        load_stable_diffusion(sd_copy)
+    assert "CompVis/stable-diffusion-v1-4" in str(err.value)
+
+
+@pytest.mark.parametrize("sub,name", [("unet", "diffusion_pytorch_model.safetensors"),
+                                      ("text_encoder", "model.safetensors")])
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupted_weight_file(sd_copy, sub, name, damage):
+    file = sd_copy / sub / name
+    data = file.read_bytes()
+    file.write_bytes(b"not a checkpoint" * 8 if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        load_stable_diffusion(sd_copy)
+
+
+def test_corrupted_flax_weight_file(tiny_sd, tmp_path):
+    dst = tmp_path / "sd"
+    shutil.copytree(tiny_sd["flax"], dst)
+    (dst / "vae" / "diffusion_flax_model.msgpack").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match=r"vae.diffusion_flax_model\.msgpack"):
+        load_stable_diffusion(dst)
+
+
+def test_unsupported_prediction_type(sd_copy):
+    file = sd_copy / "scheduler" / "scheduler_config.json"
+    config = json.loads(file.read_text())
+    config["prediction_type"] = "v_prediction"
+    file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="v_prediction"):
+        load_stable_diffusion(sd_copy)
+
+
+def test_config_option_the_flax_unet_ignores_is_rejected(sd_copy):
+    file = sd_copy / "unet" / "config.json"
+    config = json.loads(file.read_text())
+    config["resnet_time_scale_shift"] = "scale_shift"
+    file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="resnet_time_scale_shift"):
+        load_stable_diffusion(sd_copy)
