@@ -9,3 +9,13 @@ from zmagic_jax.energies._image import (
     normalize_signed,
     resize_bicubic,
 )
+from zmagic_jax.energies._clip import (
+    Clip,
+    clip_image_input,
+    clip_style_energy,
+    clip_style_features,
+    clip_text_energy,
+    image_embedding,
+    load_clip,
+    text_embedding,
+)
