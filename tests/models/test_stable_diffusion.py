@@ -262,19 +262,14 @@ def test_corrupted_flax_weight_file(tiny_sd, tmp_path):
         load_stable_diffusion(dst)
 
 
-def test_unsupported_prediction_type(sd_copy):
-    file = sd_copy / "scheduler" / "scheduler_config.json"
+@pytest.mark.parametrize("config_path,key,value", [
+    ("scheduler/scheduler_config.json", "prediction_type", "v_prediction"),  # only epsilon is supported
+    ("unet/config.json", "resnet_time_scale_shift", "scale_shift"),         # the Flax UNet ignores it
+])
+def test_unsupported_config_is_rejected(sd_copy, config_path, key, value):
+    file = sd_copy / config_path
     config = json.loads(file.read_text())
-    config["prediction_type"] = "v_prediction"
+    config[key] = value
     file.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="v_prediction"):
-        load_stable_diffusion(sd_copy)
-
-
-def test_config_option_the_flax_unet_ignores_is_rejected(sd_copy):
-    file = sd_copy / "unet" / "config.json"
-    config = json.loads(file.read_text())
-    config["resnet_time_scale_shift"] = "scale_shift"
-    file.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="resnet_time_scale_shift"):
+    with pytest.raises(ValueError, match=value if key == "prediction_type" else key):
         load_stable_diffusion(sd_copy)
