@@ -42,3 +42,26 @@ def random_mixture_params(seed, num=3, dim=3, mean_std=1.5, jitter=0.1):
 def x64():
     with jax.experimental.enable_x64():
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dirs(tmp_path_factory):
+    """A tiny random Stable Diffusion saved as PyTorch (``pt``, ``pt_bin``) and Flax (``flax``)
+    diffusers folders, plus its PyTorch modules (see ``experiments/tiny_models.py``)."""
+    pytest.importorskip("torch")
+    from experiments.tiny_models import save_tiny_stable_diffusion
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        return save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dirs(tmp_path_factory):
+    """A tiny random CLIP saved as PyTorch (``pt``) and Flax (``flax``) folders."""
+    pytest.importorskip("torch")
+    from experiments.tiny_models import save_tiny_clip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))

@@ -1,5 +1,4 @@
 """CLIP energies against PyTorch ``CLIPModel`` on a tiny random CLIP (no download, no hub)."""
-import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,40 +15,15 @@ from zmagic_jax.energies import (CLIP_MEAN, CLIP_STD, clip_image_input, clip_sty
                                  text_embedding)
 from zmagic_jax.energies._clip import _safe_norm  # noqa: E402
 
-# "cat</w>" is built by the two merges; every other word is one character.
-VOCAB = ["!", "a", "c", "t", "o", "a</w>", "c</w>", "t</w>", "o</w>", "ca", "cat</w>",
-         "<|startoftext|>", "<|endoftext|>"]
-MERGES = "#version: 0.2\nc a\nca t</w>\n"
 LAYER = 3
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny random CLIP saved twice: PyTorch format (``pt``) and Flax format (``flax``)."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
-
-    root = tmp_path_factory.mktemp("clip")
-    (root / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(VOCAB)}))
-    (root / "merges.txt").write_text(MERGES)
-    tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"))
-    # eos/bos must be the tokenizer's: both frameworks pool the text at the first eos token.
-    text = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                          vocab_size=len(tokenizer), max_position_embeddings=77, projection_dim=16,
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=4,
-                              image_size=32, patch_size=8, projection_dim=16)
-    torch.manual_seed(0)
-    torch_model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                                       projection_dim=16)).eval()
-    pt_dir, flax_dir = root / "pt", root / "flax"
-    torch_model.save_pretrained(pt_dir)
-    tokenizer.save_pretrained(pt_dir)
-    clip_pt = load_clip(pt_dir)
-    clip_pt.model.save_pretrained(flax_dir, params=clip_pt.params)
-    tokenizer.save_pretrained(flax_dir)
-    return dict(torch=torch_model, tokenizer=tokenizer, pt_dir=pt_dir, flax_dir=flax_dir, clip_pt=clip_pt,
-                clip=load_clip(flax_dir))
+def tiny(tiny_clip_dirs):
+    """The tiny random CLIP in PyTorch format (``pt_dir``) and Flax format (``flax_dir``)."""
+    return dict(torch=tiny_clip_dirs["torch"], tokenizer=tiny_clip_dirs["tokenizer"],
+                pt_dir=tiny_clip_dirs["pt"], flax_dir=tiny_clip_dirs["flax"],
+                clip_pt=load_clip(tiny_clip_dirs["pt"]), clip=load_clip(tiny_clip_dirs["flax"]))
 
 
 def images(seed, num=None, size=(40, 28)):

@@ -19,11 +19,6 @@ from zmagic_jax.models import (  # noqa: E402
     load_stable_diffusion,
 )
 
-# A toy BPE vocabulary (CLIP marks word ends with </w>); enough to tokenise the test prompts.
-_VOCAB = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "lo", "l</w>", "w</w>", "r</w>",
-          "t</w>", "low</w>", "er</w>", "lowest</w>", "newer</w>", "wider", "<|startoftext|>",
-          "<|endoftext|>"]
-_MERGES = ["#version: 0.2", "l o", "lo w</w>", "e r</w>"]
 PROMPTS = ["lower newer", "lowest wider lower"]
 
 
@@ -41,70 +36,8 @@ def _offline():
 
 
 @pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory, _offline):
-    """A tiny random SD saved three ways: PyTorch safetensors, PyTorch .bin, Flax msgpack."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, FlaxAutoencoderKL,
-                           FlaxUNet2DConditionModel, UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, FlaxCLIPTextModel
-
-    root = tmp_path_factory.mktemp("sd")
-    pt, pt_bin, fx = root / "pt", root / "pt_bin", root / "flax"
-    torch.manual_seed(0)
-
-    tok_dir = root / "tok_src"
-    tok_dir.mkdir()
-    (tok_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(_VOCAB)}))
-    (tok_dir / "merges.txt").write_text("\n".join(_MERGES) + "\n")
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"),
-                              model_max_length=77)
-
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
-        out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=8).eval()
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4, norm_num_groups=16, sample_size=16).eval()
-    text = CLIPTextModel(CLIPTextConfig(
-        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        vocab_size=len(_VOCAB), max_position_embeddings=77, bos_token_id=20, eos_token_id=21,
-        pad_token_id=21)).eval()
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False)
-    # Random init leaves some layers at exactly zero (e.g. UNet conv_out); perturb every
-    # parameter so that each one influences the outputs compared below.
-    with torch.no_grad():
-        for model in (unet, vae, text):
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-
-    for folder, safe in ((pt, True), (pt_bin, False)):
-        unet.save_pretrained(folder / "unet", safe_serialization=safe)
-        vae.save_pretrained(folder / "vae", safe_serialization=safe)
-        text.save_pretrained(folder / "text_encoder", safe_serialization=safe)
-        tokenizer.save_pretrained(folder / "tokenizer")
-        scheduler.save_pretrained(folder / "scheduler")
-
-    # The Flax copy goes through the Flax classes' own from_pt loading (diffusers' reads .bin
-    # only). Their converters only need the names/shapes of a random init, so `init_weights` is
-    # swapped for its shape tree: a real op-by-op random init of the UNet takes ~30 s on CPU.
-    with pytest.MonkeyPatch.context() as mp:
-        for cls in (FlaxUNet2DConditionModel, FlaxAutoencoderKL, FlaxCLIPTextModel):
-            mp.setattr(cls, "init_weights", lambda self, *a, init=cls.init_weights, **k:
-                       jax.eval_shape(lambda: init(self, *a, **k)))
-        for cls, sub in ((FlaxUNet2DConditionModel, "unet"), (FlaxAutoencoderKL, "vae")):
-            model, params = cls.from_pretrained(str(pt_bin / sub), from_pt=True,
-                                                local_files_only=True)
-            model.save_pretrained(str(fx / sub), params=params)
-        FlaxCLIPTextModel.from_pretrained(str(pt / "text_encoder"), from_pt=True,
-                                          local_files_only=True).save_pretrained(
-                                              str(fx / "text_encoder"))
-    shutil.copytree(pt / "tokenizer", fx / "tokenizer")
-    shutil.copytree(pt / "scheduler", fx / "scheduler")
-    return dict(pt=pt, pt_bin=pt_bin, flax=fx, unet=unet, vae=vae, text=text,
-                tokenizer=tokenizer, scheduler=scheduler)
+def tiny_sd(tiny_sd_dirs, _offline):
+    return tiny_sd_dirs
 
 
 @pytest.fixture(scope="module")
