@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 from zmagic_jax.models import (  # noqa: E402
     decode_latents,
     encode_prompt,
+    latent_cfg_correction_fn,
     latent_eps_fn,
     load_stable_diffusion,
 )
@@ -119,6 +120,8 @@ def test_latent_eps_fn_is_cfg_of_two_pytorch_calls(sd, tiny_sd, guided_eps):
     eps_c, eps_u = _torch_unet(tiny_sd, x, t, emb[0]), _torch_unet(tiny_sd, x, t, emb[1])
     assert eps.shape == x.shape
     assert _rel_err(eps, eps_u + w * (eps_c - eps_u)) < 1e-4
+    correction = _compile(lambda x: latent_cfg_correction_fn(sd, emb[0], emb[1], w)(x, t), x)(x)
+    assert _rel_err(correction, w * (eps_c - eps_u)) < 1e-3  # a difference: relative error grows
 
 
 def test_gradient_through_eps_and_decoder_is_finite(sd):

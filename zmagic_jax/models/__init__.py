@@ -19,6 +19,7 @@ from zmagic_jax.models._stable_diffusion import (
     StableDiffusion,
     decode_latents,
     encode_prompt,
+    latent_cfg_correction_fn,
     latent_eps_fn,
     load_stable_diffusion,
 )

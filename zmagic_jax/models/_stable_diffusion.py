@@ -288,6 +288,34 @@ def encode_prompt(sd: StableDiffusion, prompts: Sequence[str]) -> jnp.ndarray:
     return out.last_hidden_state
 
 
+def _cfg_branches(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_scale, who: str) -> Callable:
+    """Validated ``branches(x, t) -> (eps_u, eps_c)``: both UNet branches of one latent in a single
+    UNet call on a batch of two copies of ``x``."""
+    cond = jnp.asarray(prompt_embeds)
+    uncond = jnp.asarray(uncond_embeds)
+    cross_dim = int(sd.unet.cross_attention_dim)
+    if cond.ndim != 2 or cond.shape[-1] != cross_dim:
+        raise ValueError(f"{who}: prompt_embeds must have shape (L, {cross_dim}); got {cond.shape}.")
+    if uncond.shape != cond.shape:
+        raise ValueError(f"{who}: uncond_embeds must have the shape of prompt_embeds "
+                         f"{cond.shape}; got {uncond.shape}.")
+    if not isinstance(guidance_scale, (int, float)) and jnp.ndim(guidance_scale) != 0:
+        raise ValueError(f"{who}: guidance_scale must be a scalar; got {guidance_scale!r}.")
+    context = jnp.stack([uncond, cond])
+    channels = int(sd.unet.in_channels)
+
+    def branches(x, t):
+        if x.ndim != 3 or x.shape[0] != channels:
+            raise ValueError(f"{who}: x must be one latent ({channels}, h, w); got shape {x.shape}.")
+        # One timestep per batch row; integer like the PyTorch UNet's (it embeds t as float).
+        timesteps = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (2,))
+        eps = sd.unet.apply({"params": sd.unet_params}, jnp.stack([x, x]), timesteps, context,
+                            train=False).sample
+        return eps[0], eps[1]
+
+    return branches
+
+
 def latent_eps_fn(sd: StableDiffusion, prompt_embeds, uncond_embeds,
                   guidance_scale: float) -> Callable:
     """Classifier-free-guided noise predictor for ONE latent sample (the denoiser contract).
@@ -300,32 +328,31 @@ def latent_eps_fn(sd: StableDiffusion, prompt_embeds, uncond_embeds,
     prompt's embeddings ``(L, D)`` (e.g. ``encode_prompt(sd, [p])[0]`` and of ``""``).
     Both branches run in a single UNet call on a batch of two copies of ``x``.
     """
-    cond = jnp.asarray(prompt_embeds)
-    uncond = jnp.asarray(uncond_embeds)
-    cross_dim = int(sd.unet.cross_attention_dim)
-    if cond.ndim != 2 or cond.shape[-1] != cross_dim:
-        raise ValueError(f"latent_eps_fn: prompt_embeds must have shape (L, {cross_dim}); "
-                         f"got {cond.shape}.")
-    if uncond.shape != cond.shape:
-        raise ValueError(f"latent_eps_fn: uncond_embeds must have the shape of prompt_embeds "
-                         f"{cond.shape}; got {uncond.shape}.")
-    if not isinstance(guidance_scale, (int, float)) and jnp.ndim(guidance_scale) != 0:
-        raise ValueError(f"latent_eps_fn: guidance_scale must be a scalar; got {guidance_scale!r}.")
-    context = jnp.stack([uncond, cond])
-    channels = int(sd.unet.in_channels)
+    branches = _cfg_branches(sd, prompt_embeds, uncond_embeds, guidance_scale, "latent_eps_fn")
 
     def eps_fn(x, t):
-        if x.ndim != 3 or x.shape[0] != channels:
-            raise ValueError(f"latent_eps_fn: x must be one latent ({channels}, h, w); "
-                             f"got shape {x.shape}.")
-        # One timestep per batch row; integer like the PyTorch UNet's (it embeds t as float).
-        timesteps = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (2,))
-        eps = sd.unet.apply({"params": sd.unet_params}, jnp.stack([x, x]), timesteps, context,
-                            train=False).sample
-        eps_u, eps_c = eps[0], eps[1]
+        eps_u, eps_c = branches(x, t)
         return (eps_u + guidance_scale * (eps_c - eps_u)).astype(x.dtype)
 
     return eps_fn
+
+
+def latent_cfg_correction_fn(sd: StableDiffusion, prompt_embeds, uncond_embeds,
+                             guidance_scale: float) -> Callable:
+    """``correction(x, t) = w (eps_c - eps_u)``: what classifier-free guidance adds to the
+    unconditional noise prediction of one latent (same arguments as :func:`latent_eps_fn`).
+
+    FreeDoM's Stable Diffusion step size is relative to its size (see
+    :func:`zmagic_jax.cfg_relative_rule`).
+    """
+    branches = _cfg_branches(sd, prompt_embeds, uncond_embeds, guidance_scale,
+                             "latent_cfg_correction_fn")
+
+    def correction(x, t):
+        eps_u, eps_c = branches(x, t)
+        return (guidance_scale * (eps_c - eps_u)).astype(x.dtype)
+
+    return correction
 
 
 def decode_latents(sd: StableDiffusion, latents) -> jnp.ndarray:
