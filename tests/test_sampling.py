@@ -13,7 +13,8 @@ SCHEDULE = zm.linear_schedule()
 EPS = gaussian_eps_fn(SCHEDULE, jnp.array([0.5, -0.5, 0.0]), jnp.array([0.4, 0.6, 0.3]))
 C1 = zm.condition("left", lambda x0: jnp.sum((x0[:2] - 0.3) ** 2), zm.freedom_rule(0.5, stop=100))
 C2 = zm.condition("right", lambda x0: jnp.sum((x0[1:] + 0.2) ** 2), zm.norm_relative_rule(0.05))
-SCHEMES = [zm.none([C1, C2]), zm.independent([C1, C2]), zm.dependent([C1, C2]), zm.multi([C1, C2])]
+SCHEMES = [zm.none([C1, C2]), zm.independent([C1, C2]), zm.dependent([C1, C2]), zm.dependent([C2]),
+           zm.multi([C1, C2])]
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
@@ -26,7 +27,7 @@ def test_same_key_same_bits(scheme):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(ta.energies), np.asarray(tb.energies))
     assert not np.array_equal(np.asarray(a), np.asarray(c))
-    assert ta.energies.shape == (8, 20, 2)
+    assert ta.energies.shape == (8, 20, len(scheme.conditions))
 
 
 def test_guidance_window_and_records():
@@ -97,7 +98,8 @@ def test_non_finite_energy_raises_naming_the_condition():
     (lambda g, x: zm.sample(jax.random.PRNGKey(0), x, EPS, SCHEDULE, g, scheme="dependent"), "scheme"),
     (lambda g, x: zm.scheme_by_name("zigzag", [C1]), "zigzag"),
     (lambda g, x: zm.independent([]), "at least 1"),
-    (lambda g, x: zm.dependent([C1]), "2"),
+    (lambda g, x: zm.dependent([C1, C2, C1._replace(name="c3")]), "1 or 2"),
+    (lambda g, x: zm.dependent([C1], order=(1, 0)), "order"),
     (lambda g, x: zm.dependent([C1, C2], order=(0, 0)), "order"),
     (lambda g, x: zm.multi([C1, C2], rescale="twice"), "rescale"),
     (lambda g, x: zm.sample(jax.random.PRNGKey(0), x, EPS, SCHEDULE, g, zm.independent([
@@ -110,6 +112,13 @@ def test_non_finite_energy_raises_naming_the_condition():
     (lambda g, x: zm.sample(jax.random.PRNGKey(0), x, EPS, SCHEDULE, g, nan_policy="ignore"), "nan_policy"),
     (lambda g, x: zm.condition("", C1.energy, C1.rule), "name"),
     (lambda g, x: zm.condition("r", C1.energy, 0.5), "rule"),
+    (lambda g, x: zm.time_travel(0), "repeats"),
+    (lambda g, x: zm.time_travel(2, start=100, stop=200), "window"),
+    (lambda g, x: zm.sample(jax.random.PRNGKey(0), x, EPS, SCHEDULE, g, time_travel=3), "time_travel"),
+    (lambda g, x: zm.sample(jax.random.PRNGKey(0), x, EPS, SCHEDULE, g,
+                            time_travel=zm.time_travel(2, start=5, stop=1)), "time_travel"),
+    (lambda g, x: zm.cfg_relative_rule(-1.0, lambda x, t: x), "factor"),
+    (lambda g, x: zm.cfg_relative_rule(0.2, None), "correction_fn"),
 ])
 def test_bad_input_names_the_argument(call, word):
     grid = zm.timestep_grid(1000, 10)

@@ -19,7 +19,7 @@ from zmagic_jax.samplers import (
     sampler_by_name,
     step_contexts,
 )
-from zmagic_jax.sampling import guided_kernel, sample
+from zmagic_jax.sampling import TimeTravel, guided_kernel, sample, time_travel
 from zmagic_jax.schedules import (
     Schedule,
     TimestepGrid,
@@ -41,6 +41,7 @@ from zmagic_jax.schemes import (
     condition,
     dependent,
     dependent_terms,
+    model_led_term,
     direction,
     independent,
     multi,
@@ -49,6 +50,7 @@ from zmagic_jax.schemes import (
 )
 from zmagic_jax.step_rules import (
     StepRule,
+    cfg_relative_rule,
     freedom_rule,
     norm_relative_rule,
     schedule_rule,

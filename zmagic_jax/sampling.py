@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -11,18 +11,47 @@ import numpy as np
 from zmagic_jax.samplers import Sampler, StepContext, run_chain, sampler_by_name, step_contexts
 from zmagic_jax.schedules import Schedule, TimestepGrid
 from zmagic_jax.schemes._schemes import Dependent, Independent, Multi, NoGuidance, direction, none
+from zmagic_jax.step_rules import check_window, check_window_hits, in_window
 
 _SCHEME_TYPES = (NoGuidance, Independent, Dependent, Multi)
 
 
-def guided_kernel(eps_fn: Callable, sampler: Sampler, scheme) -> Callable:
+class TimeTravel(NamedTuple):
+    """FreeDoM's time-travel: inside the window ``stop < t <= start`` each step is taken
+    ``repeats`` times, re-noising back to level ``t`` between repeats (see :func:`time_travel`)."""
+
+    repeats: int
+    start: Optional[int] = None
+    stop: Optional[int] = None
+
+
+def time_travel(repeats: int, start: Optional[int] = None, stop: Optional[int] = None) -> TimeTravel:
+    """Repeat every guided step with ``stop < t <= start`` ``repeats`` times (FreeDoM Sec. 3.4).
+
+    After each of the first ``repeats - 1`` passes the result ``x_next`` is sent back to level
+    ``t`` by the forward process, ``x_t = sqrt(a) x_next + sqrt(1 - a) z`` with
+    ``a = ab_t / ab_next`` and fresh ``z``, and the step is taken again; the last pass is kept.
+    ``repeats = 1`` is plain sampling. FreeDoM's Stable Diffusion style recipe uses 3 repeats on
+    DDIM indices 40..69 of 100 steps (``start=699, stop=399``).
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
+        raise ValueError(f"time_travel: repeats must be an integer >= 1; got {repeats!r}.")
+    check_window(start, stop, "time_travel")
+    return TimeTravel(int(repeats), None if start is None else int(start), None if stop is None else int(stop))
+
+
+def guided_kernel(eps_fn: Callable, sampler: Sampler, scheme,
+                  time_travel: Optional[TimeTravel] = None) -> Callable:
     """One guided step of one sample: ``kernel(key, x_t, ctx) -> (x_next, GuidanceInfo)``.
 
     ``x_next = M0(x_t, eps) + d + sigma_t z``; the same ``z`` enters the scheme's look-ahead point
     ``xhat`` (Z-Magic Alg. 1, lines 5-10). A sampler's corrector sub-steps run first, each guided
-    by the same scheme.
+    by the same scheme. With ``time_travel`` the step is repeated inside its window (a
+    ``while_loop`` whose trip count depends only on the grid): pass ``r >= 1`` draws its re-noising
+    and step noise from ``split(fold_in(key, r))``, pass 0 uses ``key`` as an unrepeated step does.
+    The info of the last pass is returned, with ``finite`` accumulated over all passes.
     """
-    def kernel(key, x, ctx: StepContext):
+    def step(key, x, ctx: StepContext):
         keys = jax.random.split(key, sampler.corrector_steps + 1)
         for sub_key in keys[:-1]:
             sub, noise = sampler.corrector(sub_key, x, ctx, eps_fn)
@@ -35,11 +64,30 @@ def guided_kernel(eps_fn: Callable, sampler: Sampler, scheme) -> Callable:
         eps, d, info = direction(scheme, eps_fn, sub, x, ctx, noise)
         return sub.mean(x, eps, ctx) + d + noise, info
 
+    if time_travel is None:
+        return step
+
+    def kernel(key, x, ctx: StepContext):
+        x_next, info = step(key, x, ctx)
+        repeats = jnp.where(in_window(ctx.t, time_travel.start, time_travel.stop), time_travel.repeats, 1)
+        a = ctx.alpha_bar / ctx.alpha_bar_next
+
+        def again(carry):
+            r, x_next, info = carry
+            noise_key, step_key = jax.random.split(jax.random.fold_in(key, r))
+            z = jax.random.normal(noise_key, x.shape, x.dtype)
+            x_t = (jnp.sqrt(a) * x_next + jnp.sqrt(1.0 - a) * z).astype(x.dtype)
+            x_new, new_info = step(step_key, x_t, ctx)
+            return r + 1, x_new, new_info._replace(finite=new_info.finite & info.finite)
+
+        _, x_next, info = jax.lax.while_loop(lambda c: c[0] < repeats, again, (jnp.int32(1), x_next, info))
+        return x_next, info
+
     return kernel
 
 
-def _run(key, x_T, contexts, eps_fn, sampler, scheme, record, debug_loop):
-    kernel = guided_kernel(eps_fn, sampler, scheme)
+def _run(key, x_T, contexts, eps_fn, sampler, scheme, record, debug_loop, time_travel):
+    kernel = guided_kernel(eps_fn, sampler, scheme, time_travel)
     keys = jax.random.split(key, x_T.shape[0])
     keep = record or (lambda x, info: info)
     both = lambda x, info: (keep(x, info), info.finite)
@@ -48,12 +96,14 @@ def _run(key, x_T, contexts, eps_fn, sampler, scheme, record, debug_loop):
     return x0, trace, finite
 
 
-_run_jit = jax.jit(_run, static_argnames=("eps_fn", "sampler", "scheme", "record", "debug_loop"))
+_run_jit = jax.jit(_run, static_argnames=("eps_fn", "sampler", "scheme", "record", "debug_loop",
+                                                 "time_travel"))
 
 
 def sample(key, x_T, eps_fn: Callable, schedule: Schedule, grid: TimestepGrid, scheme=None,
            sampler: Union[Sampler, str] = "ddpm_ancestral", *, record: Optional[Callable] = None,
-           nan_policy: str = "raise", debug_loop: bool = False):
+           nan_policy: str = "raise", debug_loop: bool = False,
+           time_travel: Optional[TimeTravel] = None):
     """Draw a batch of guided samples.
 
     Args:
@@ -68,6 +118,7 @@ def sample(key, x_T, eps_fn: Callable, schedule: Schedule, grid: TimestepGrid, s
       nan_policy: ``"raise"`` (default) raises after the run if any condition gave a non-finite
         energy or gradient (those steps were taken without guidance); ``"skip"`` only warns.
       debug_loop: run steps in an eager Python loop instead of a jitted scan.
+      time_travel: :func:`time_travel` settings (repeat steps inside a window), or ``None``.
 
     Returns:
       ``(x_0, trace)``: final samples ``(batch, *sample_shape)`` and the per-step records
@@ -87,13 +138,18 @@ def sample(key, x_T, eps_fn: Callable, schedule: Schedule, grid: TimestepGrid, s
     if x_T.ndim < 2 or x_T.shape[0] < 1 or not jnp.issubdtype(x_T.dtype, jnp.floating):
         raise ValueError("sample: x_T must be a float array of shape (batch, *sample_shape) with batch >= 1; "
                          f"got shape {x_T.shape} and dtype {x_T.dtype}. Add a leading batch axis.")
+    if time_travel is not None:
+        if not isinstance(time_travel, TimeTravel):
+            raise ValueError("sample: time_travel must be built by zmagic_jax.time_travel(repeats, start, stop); "
+                             f"got {time_travel!r}.")
+        check_window_hits(grid, time_travel.start, time_travel.stop, "time_travel")
     contexts = step_contexts(schedule, grid)
     _check_shapes(eps_fn, scheme, x_T)
     for c in scheme.conditions:
         c.rule.check(grid)
 
     run = _run if debug_loop else _run_jit
-    x0, trace, finite = run(key, x_T, contexts, eps_fn, sampler, scheme, record, debug_loop)
+    x0, trace, finite = run(key, x_T, contexts, eps_fn, sampler, scheme, record, debug_loop, time_travel)
     if scheme.conditions:
         _check_finite(finite, scheme, grid, nan_policy)
     return x0, trace

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zmagic_jax.samplers._base import StepContext
 from zmagic_jax.schedules import TimestepGrid
 
 
 class StepRule(NamedTuple):
-    """``rho(ctx, eps, grad) -> scalar``, ``active(ctx) -> bool``, ``check(grid)`` raises if unusable."""
+    """``rho(ctx, eps, grad, x) -> scalar``, ``active(ctx) -> bool``, ``check(grid)`` raises if unusable.
+
+    ``rho`` sees the step's context, the denoiser output ``eps`` and the gradient ``grad`` at the
+    point ``x`` where the gradient was taken (``x_t``, or the look-ahead point of a dependent term).
+    """
 
     rho: Callable
     active: Callable
@@ -28,7 +32,8 @@ def _rms(v):
     return jnp.sqrt(jnp.mean(jnp.square(v)))
 
 
-def _window(start: Optional[int], stop: Optional[int], who: str):
+def check_window(start: Optional[int], stop: Optional[int], who: str) -> None:
+    """Validate a window ``stop < t <= start`` (``None`` = unbounded) at construction time."""
     for name, value in (("start", start), ("stop", stop)):
         if value is not None and not isinstance(value, (int, np.integer)):
             raise ValueError(f"{who}: {name} must be an integer timestep or None; got {value!r}.")
@@ -36,34 +41,37 @@ def _window(start: Optional[int], stop: Optional[int], who: str):
         raise ValueError(f"{who}: the window stop < t <= start is empty (start={start}, stop={stop}); "
                          "pass start > stop.")
 
-    def active(ctx: StepContext):
-        on = jnp.asarray(True)
-        if start is not None:
-            on = on & (ctx.t <= start)
-        if stop is not None:
-            on = on & (ctx.t > stop)
-        return on
 
-    def check(grid: TimestepGrid):
-        t = np.asarray(grid.t)
-        inside = np.ones(t.shape, bool)
-        if start is not None:
-            inside &= t <= start
-        if stop is not None:
-            inside &= t > stop
-        if not inside.any():
-            raise ValueError(
-                f"{who}: the guidance window stop < t <= start (start={start}, stop={stop}) contains no "
-                f"step of the grid, whose timesteps run from {t.max()} down to {t.min()}; "
-                "widen the window or change the grid.")
+def in_window(t, start: Optional[int], stop: Optional[int]):
+    """``stop < t <= start`` for a (traced or numpy) timestep array ``t``."""
+    on = t == t
+    if start is not None:
+        on = on & (t <= start)
+    if stop is not None:
+        on = on & (t > stop)
+    return on
 
-    return active, check
+
+def check_window_hits(grid: TimestepGrid, start: Optional[int], stop: Optional[int], who: str) -> None:
+    """Raise unless some step of ``grid`` lies in the window."""
+    t = np.asarray(grid.t)
+    if not in_window(t, start, stop).any():
+        raise ValueError(
+            f"{who}: the window stop < t <= start (start={start}, stop={stop}) contains no "
+            f"step of the grid, whose timesteps run from {t.max()} down to {t.min()}; "
+            "widen the window or change the grid.")
+
+
+def _window(start: Optional[int], stop: Optional[int], who: str):
+    check_window(start, stop, who)
+    return (lambda ctx: in_window(ctx.t, start, stop),
+            lambda grid: check_window_hits(grid, start, stop, who))
 
 
 def freedom_rule(scale: float, stop: Optional[int] = None, start: Optional[int] = None) -> StepRule:
     """FreeDoM's face rule: ``rho_t = sqrt(ab_t) * scale``, guided only for ``stop < t <= start``."""
     active, check = _window(start, stop, "freedom_rule")
-    return StepRule(lambda ctx, eps, grad: jnp.sqrt(ctx.alpha_bar) * scale, active, check)
+    return StepRule(lambda ctx, eps, grad, x=None: jnp.sqrt(ctx.alpha_bar) * scale, active, check)
 
 
 def norm_relative_rule(factor: float = 0.02, stop: Optional[int] = None,
@@ -76,7 +84,7 @@ def norm_relative_rule(factor: float = 0.02, stop: Optional[int] = None,
     """
     active, check = _window(start, stop, "norm_relative_rule")
 
-    def rho(ctx, eps, grad):
+    def rho(ctx, eps, grad, x=None):
         c1 = jnp.sqrt(ctx.alpha_bar_next) * ctx.beta / (1.0 - ctx.alpha_bar)
         removal = _rms(eps) * jnp.sqrt(1.0 - ctx.alpha_bar) / jnp.sqrt(ctx.alpha_bar) * c1
         g = _rms(grad)
@@ -93,7 +101,34 @@ def score_rule(scale: float = 1.0, stop: Optional[int] = None, start: Optional[i
     small-step limit.
     """
     active, check = _window(start, stop, "score_rule")
-    return StepRule(lambda ctx, eps, grad: scale * ctx.score_coef, active, check)
+    return StepRule(lambda ctx, eps, grad, x=None: scale * ctx.score_coef, active, check)
+
+
+def cfg_relative_rule(factor: float, correction_fn: Callable, stop: Optional[int] = None,
+                      start: Optional[int] = None) -> StepRule:
+    """FreeDoM's Stable Diffusion rule: the displacement has RMS ``factor`` times that of the
+    classifier-free guidance correction at the same point.
+
+    ``rho_t = factor * rms(correction_fn(x, t)) / rms(grad)`` where ``correction_fn(x, t) =
+    w (eps_c - eps_u)`` (:func:`zmagic_jax.models.latent_cfg_correction_fn`); FreeDoM's style
+    guidance uses ``factor = 0.2``. ``rho = 0`` for a zero gradient. The correction is evaluated
+    at the point where the gradient was taken, under ``stop_gradient`` like every ``rho``.
+    """
+    if not isinstance(factor, (int, float)) or not factor >= 0:
+        raise ValueError(f"cfg_relative_rule: factor must be a number >= 0; got {factor!r}.")
+    if not callable(correction_fn):
+        raise ValueError("cfg_relative_rule: correction_fn must be callable as correction_fn(x_t, t), "
+                         f"e.g. zmagic_jax.models.latent_cfg_correction_fn(...); got {correction_fn!r}.")
+    active, check = _window(start, stop, "cfg_relative_rule")
+
+    def rho(ctx, eps, grad, x=None):
+        if x is None:
+            raise ValueError("cfg_relative_rule: rho needs the point x where the gradient was taken.")
+        reference = _rms(jax.lax.stop_gradient(correction_fn(jax.lax.stop_gradient(x), ctx.t)))
+        g = _rms(grad)
+        return jnp.where(g > 0, factor * reference / jnp.where(g > 0, g, 1.0), 0.0)
+
+    return StepRule(rho, active, check)
 
 
 def schedule_rule(rhos) -> StepRule:
@@ -109,4 +144,4 @@ def schedule_rule(rhos) -> StepRule:
             raise ValueError(f"schedule_rule: rhos has {rhos.shape[0]} entries but the grid has "
                              f"{grid.num_steps} steps; give one rho per step.")
 
-    return StepRule(lambda ctx, eps, grad: table[ctx.index], lambda ctx: table[ctx.index] > 0, check)
+    return StepRule(lambda ctx, eps, grad, x=None: table[ctx.index], lambda ctx: table[ctx.index] > 0, check)

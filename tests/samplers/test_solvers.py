@@ -7,7 +7,6 @@ import pytest
 import zmagic_jax as zm
 from zmagic_jax.metrics import energy_distance
 from zmagic_jax.models import gaussian_mixture, mixture_eps_fn, sample_mixture
-from tests.conftest import mlp_eps_fn
 
 SAMPLERS = [zm.ddpm_ancestral(), zm.ddpm_posterior(), zm.ddim(0.0), zm.ddim(0.7), zm.eta_mixing(0.5),
             zm.predictor_corrector()]

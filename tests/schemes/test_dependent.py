@@ -143,3 +143,43 @@ def test_unguided_step_outside_window_does_no_gradient_work(x64):
     _, disp, info = zm.direction(zm.independent((late,)), eps_fn, sampler, x, ctx, noise)
     assert not bool(info.guided) and np.all(np.asarray(disp) == 0)
     assert np.isnan(info.cosine)
+
+
+@pytest.mark.parametrize("xhat_time", ["current", "next"])
+def test_model_led_term_equals_explicit_jacobian_transpose(x64, xhat_time):
+    """One condition: the denoiser's own conditioning leads, ``xhat = M0(x_t) + noise``."""
+    sampler = zm.ddpm_posterior()
+    eps_fn, (_, c2), x, ctx, noise = _setup(sampler)
+    xhat_fn = lambda y: sampler.mean(y, eps_fn(y, ctx.t), ctx) + noise
+    jac = jax.jacobian(xhat_fn)(x)
+    xhat = xhat_fn(x)
+    t_hat, ab_hat = (ctx.t, ctx.alpha_bar) if xhat_time == "current" else (ctx.t_next, ctx.alpha_bar_next)
+    g2 = jax.grad(lambda y: c2.energy(_x0(eps_fn, y, ctx, t_hat, ab_hat)))(xhat)
+    expected = jac.T @ (-c2.rule.rho(ctx, eps_fn(xhat, t_hat), g2) * g2)
+
+    eps_out, disp, info = zm.direction(zm.dependent([c2], xhat_time=xhat_time), eps_fn, sampler, x, ctx, noise)
+    rel = np.linalg.norm(disp - expected) / np.linalg.norm(expected)
+    assert rel < 1e-10, rel
+    np.testing.assert_allclose(eps_out, eps_fn(x, ctx.t), rtol=1e-14)
+    np.testing.assert_allclose(info.energies, [c2.energy(_x0(eps_fn, x, ctx))], rtol=1e-12)
+    np.testing.assert_allclose(info.displacement_norms, [np.linalg.norm(expected)], rtol=1e-10)
+    assert bool(info.finite.all()) and np.isnan(info.cosine)
+    # It is not the independent (FreeDoM) gradient at x_t: the pull-back changes it.
+    _, indep, _ = zm.direction(zm.independent([c2]), eps_fn, sampler, x, ctx, noise)
+    assert np.linalg.norm(disp - indep) > 1e-3 * np.linalg.norm(indep)
+
+
+def test_cfg_relative_rule_scales_to_the_correction(x64):
+    """``|rho g| = factor |correction(x, t)|`` at the point where the gradient was taken."""
+    sampler = zm.ddpm_posterior()
+    eps_fn, (c1, _), x, ctx, noise = _setup(sampler)
+    correction = lambda y, t: 0.3 * jnp.tanh(y) * (1.0 + t / 1000.0)
+    cond = zm.condition("style", c1.energy, zm.cfg_relative_rule(0.2, correction))
+    _, disp, _ = zm.direction(zm.independent([cond]), eps_fn, sampler, x, ctx, noise)
+    np.testing.assert_allclose(np.linalg.norm(disp), 0.2 * np.linalg.norm(correction(x, ctx.t)), rtol=1e-12)
+    g = jax.grad(lambda y: c1.energy(_x0(eps_fn, y, ctx)))(x)
+    np.testing.assert_allclose(disp / np.linalg.norm(disp), -g / np.linalg.norm(g), rtol=1e-12)
+    # dependent: the follower's step is sized by the correction at the look-ahead point
+    _, lead, _ = zm.direction(zm.dependent([cond]), eps_fn, sampler, x, ctx, noise)
+    assert np.all(np.isfinite(lead))
+    assert float(cond.rule.rho(ctx, None, jnp.zeros(5), x)) == 0.0

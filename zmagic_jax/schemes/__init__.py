@@ -9,6 +9,7 @@ from zmagic_jax.schemes._schemes import (
     NoGuidance,
     dependent,
     dependent_terms,
+    model_led_term,
     direction,
     independent,
     multi,

@@ -76,12 +76,13 @@ def energies_and_grads(conditions, eps_fn, x, t, alpha_bar_t, rows):
     return values, grads, eps
 
 
-def rho_of(conditions, index, ctx, eps, grad):
-    """Step size of condition ``index`` (may be traced) for ``grad``, zero where it is inactive.
+def rho_of(conditions, index, ctx, eps, grad, x):
+    """Step size of condition ``index`` (may be traced) for ``grad`` taken at ``x``, zero where it
+    is inactive.
 
     Constant for differentiation: ``stop_gradient``, as every step rule prescribes.
     """
-    rhos = jnp.stack([jnp.asarray(c.rule.rho(ctx, eps, grad), grad.dtype)
+    rhos = jnp.stack([jnp.asarray(c.rule.rho(ctx, eps, grad, x), grad.dtype)
                       * c.rule.active(ctx).astype(grad.dtype) for c in conditions])
     return jax.lax.stop_gradient(rhos[index])
 

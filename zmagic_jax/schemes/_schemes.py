@@ -58,7 +58,8 @@ class Independent(NamedTuple):
 
 
 class Dependent(NamedTuple):
-    """Z-Magic Algorithm 1 on two conditions, guiding ``conditions[order[0]]`` first.
+    """Z-Magic Algorithm 1 on two conditions, guiding ``conditions[order[0]]`` first (with one
+    condition the denoiser's own conditioning leads: ``d = term II`` alone).
 
     ``xhat(x_t) = M0(x_t) + d_1(x_t) + sigma z`` (same ``z`` as the final update),
     ``gh = d_2`` evaluated at ``xhat`` and held constant, term II ``= J_xhat(x_t)^T gh`` by one
@@ -95,14 +96,27 @@ def independent(conditions: Sequence[Condition]) -> Independent:
     return Independent(check_conditions(conditions, "independent"))
 
 
-def dependent(conditions: Sequence[Condition], order=(0, 1), xhat_time: str = "current") -> Dependent:
-    """Z-Magic Algorithm 1 on exactly two conditions; ``order=(1, 0)`` guides the second one first."""
-    conditions = check_conditions(conditions, "dependent", minimum=2)
-    if len(conditions) != 2:
-        raise ValueError(f"dependent: Algorithm 1 takes exactly 2 conditions; got {len(conditions)}. "
+def dependent(conditions: Sequence[Condition], order=None, xhat_time: str = "current") -> Dependent:
+    """Z-Magic Algorithm 1.
+
+    Two conditions: ``order=(0, 1)`` (default) guides the first one first, ``(1, 0)`` the second.
+    One condition: the denoiser's own conditioning leads (the prompt through classifier-free
+    guidance, as in the paper's Stable Diffusion text + style setting) and the condition's
+    gradient is pulled back through that step (:func:`model_led_term`).
+    """
+    conditions = check_conditions(conditions, "dependent", minimum=1)
+    if len(conditions) > 2:
+        raise ValueError(f"dependent: Algorithm 1 takes 1 or 2 conditions; got {len(conditions)}. "
                          "Use multi(conditions) for more.")
-    if tuple(sorted(order)) != (0, 1):
-        raise ValueError(f"dependent: order must be (0, 1) or (1, 0); got {order!r}.")
+    if len(conditions) == 1:
+        if order not in (None, (0,), [0]):
+            raise ValueError(f"dependent: with one condition the model's conditioning leads and order "
+                             f"must be None; got {order!r}.")
+        order = (0,)
+    else:
+        order = (0, 1) if order is None else order
+        if tuple(sorted(order)) != (0, 1):
+            raise ValueError(f"dependent: order must be (0, 1) or (1, 0); got {order!r}.")
     return Dependent(conditions, tuple(int(i) for i in order), _check_xhat_time(xhat_time, "dependent"))
 
 
@@ -183,10 +197,18 @@ def _finalize(eps, d, energies, contribution_norms, cosine, finite):
 def _independent(conditions, eps_fn, x, ctx):
     n = len(conditions)
     energies, grads, eps = energies_and_grads(conditions, eps_fn, x, ctx.t, ctx.alpha_bar, range(n))
-    rhos = jnp.stack([rho_of(conditions, i, ctx, eps, grads[i]) for i in range(n)])
+    rhos = jnp.stack([rho_of(conditions, i, ctx, eps, grads[i], x) for i in range(n)])
     disp = -rhos.reshape((n,) + (1,) * x.ndim) * grads
     cosine = _mean_pairwise_cosine(-grads) if n > 1 else jnp.asarray(jnp.nan, x.dtype)
     return _finalize(eps, disp.sum(0), energies, _norms(disp), cosine, _all_finite(disp))
+
+
+def _xhat_level(ctx, xhat_time):
+    """``(t, alpha_bar)`` the denoiser sees at the look-ahead point ``xhat``."""
+    if xhat_time == "current":
+        return ctx.t, ctx.alpha_bar
+    # at the clean level ab = 1 makes x0|t the point itself, whatever eps the model returns
+    return jnp.where(ctx.t_next < 0, ctx.t, ctx.t_next), ctx.alpha_bar_next
 
 
 def dependent_terms(conditions, eps_fn, sampler, x, ctx, noise, leaders, followers, xhat_time="current"):
@@ -201,20 +223,17 @@ def dependent_terms(conditions, eps_fn, sampler, x, ctx, noise, leaders, followe
     Returns the per-leader displacements ``d_i`` (L, ...), term II (L, F, ...), energies at
     ``x_t`` (n,), ``eps`` at ``x_t`` and per-pair finiteness (L, F).
     """
-    if xhat_time == "current":
-        t_hat, ab_hat = ctx.t, ctx.alpha_bar
-    else:  # at the clean level ab = 1 makes x0|t the point itself, whatever eps the model returns
-        t_hat, ab_hat = jnp.where(ctx.t_next < 0, ctx.t, ctx.t_next), ctx.alpha_bar_next
+    t_hat, ab_hat = _xhat_level(ctx, xhat_time)
 
     def guided_point(x, i):
         energies, grads, eps = energies_and_grads(conditions, eps_fn, x, ctx.t, ctx.alpha_bar, i[None])
-        d_i = -rho_of(conditions, i, ctx, eps, grads[0]) * grads[0]
+        d_i = -rho_of(conditions, i, ctx, eps, grads[0], x) * grads[0]
         return sampler.mean(x, eps, ctx) + d_i + noise, (d_i, energies, eps)
 
     def per_leader(i, follows):
         xhat, pullback, (d_i, energies, eps) = jax.vjp(lambda y: guided_point(y, i), x, has_aux=True)
         _, grads_hat, eps_hat = energies_and_grads(conditions, eps_fn, xhat, t_hat, ab_hat, follows)
-        gh = jax.vmap(lambda j, g: -rho_of(conditions, j, ctx, eps_hat, g) * g)(follows, grads_hat)
+        gh = jax.vmap(lambda j, g: -rho_of(conditions, j, ctx, eps_hat, g, xhat) * g)(follows, grads_hat)
         (term2,) = jax.vmap(pullback)(gh)
         finite = _all_finite(term2) & _all_finite(gh)
         return d_i, term2, energies, eps, finite
@@ -233,7 +252,33 @@ def _pair_finite(n, leaders, followers, pair_ok, lead_ok):
     return finite
 
 
+def model_led_term(conditions, eps_fn, sampler, x, ctx, noise, xhat_time="current"):
+    """Z-Magic dependent term when the denoiser's own conditioning leads (e.g. the prompt through
+    classifier-free guidance, the paper's ``p(x_t | c1)``) and ``conditions[0]`` follows.
+
+    ``xhat = M0(x_t, eps(x_t)) + noise`` (no guidance displacement: the leader is inside
+    ``eps``); ``gh = d_1`` at ``xhat`` held constant; term II ``= J_xhat(x_t)^T gh`` by one
+    ``jax.vjp``. Returns ``(term II, energies at x_t (1,), eps at x_t, finite)``.
+    """
+    t_hat, ab_hat = _xhat_level(ctx, xhat_time)
+
+    def guided_point(y):
+        energies, eps = energy_vector(conditions, eps_fn, ctx.t, ctx.alpha_bar)(y)
+        return sampler.mean(y, eps, ctx) + noise, (energies, eps)
+
+    xhat, pullback, (energies, eps) = jax.vjp(guided_point, x, has_aux=True)
+    _, grads_hat, eps_hat = energies_and_grads(conditions, eps_fn, xhat, t_hat, ab_hat, (0,))
+    gh = -rho_of(conditions, 0, ctx, eps_hat, grads_hat[0], xhat) * grads_hat[0]
+    (term2,) = pullback(gh)
+    return term2, energies, eps, jnp.all(jnp.isfinite(term2)) & jnp.all(jnp.isfinite(gh))
+
+
 def _dependent(scheme: Dependent, eps_fn, sampler, x, ctx, noise):
+    if len(scheme.conditions) == 1:
+        term2, energies, eps, ok = model_led_term(scheme.conditions, eps_fn, sampler, x, ctx, noise,
+                                                  scheme.xhat_time)
+        return _finalize(eps, term2, energies, jnp.linalg.norm(term2)[None],
+                         jnp.asarray(jnp.nan, x.dtype), ok[None])
     first, second = scheme.order
     d, term2, energies, eps, pair_ok = dependent_terms(
         scheme.conditions, eps_fn, sampler, x, ctx, noise, (first,), ((second,),), scheme.xhat_time)
