@@ -521,6 +521,22 @@ def machine_info() -> dict:
             "load_average_at_start": list(os.getloadavg()), "xla_flags": os.environ.get("XLA_FLAGS")}
 
 
+def run_sections(report: dict, sections) -> None:
+    """``report[name] = run()`` for each ``(name, run)``, with its wall time, printed as it ends."""
+    for name, run in sections:
+        section_start = time.perf_counter()
+        report[name] = run()
+        report[name]["section_seconds"] = time.perf_counter() - section_start
+        print(f"{name}: {report[name]['section_seconds']:.1f} s", flush=True)
+
+
+def write_report(out, report: dict, start: float) -> None:
+    """Add the total time since ``start`` and write ``report`` as JSON, atomically."""
+    report["total_seconds"] = time.perf_counter() - start
+    atomic_write_bytes(out, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
+    print(f"wrote {out} in {report['total_seconds']:.1f} s")
+
+
 def main(argv=None):
     """Run every section of the full (or ``--quick``) configuration and write the JSON report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -545,14 +561,8 @@ def main(argv=None):
                                         ctx, config.conv_plan, config.conv_split, config.repeats)),
         ("compile_vs_steps", lambda: compile_vs_steps(config.grids, config.compile_repeats)),
     )
-    for name, run in sections:
-        section_start = time.perf_counter()
-        report[name] = run()
-        report[name]["section_seconds"] = time.perf_counter() - section_start
-        print(f"{name}: {report[name]['section_seconds']:.1f} s", flush=True)
-    report["total_seconds"] = time.perf_counter() - start
-    atomic_write_bytes(args.out, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
-    print(f"wrote {args.out} in {report['total_seconds']:.1f} s")
+    run_sections(report, sections)
+    write_report(args.out, report, start)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
-"""Shared fixtures: small closed-form denoisers used across the suite."""
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+"""Shared fixtures: small closed-form denoisers and tiny random SD / CLIP models used across the suite."""
+import os
+
+# Nothing in the suite may reach for the Hugging Face hub: every model is a local folder.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 def mlp_eps_fn(key, dim, hidden=16, dtype=jnp.float32):
@@ -50,10 +56,7 @@ def tiny_sd_dirs(tmp_path_factory):
     diffusers folders, plus its PyTorch modules (see ``experiments/tiny_models.py``)."""
     pytest.importorskip("torch")
     from experiments.tiny_models import save_tiny_stable_diffusion
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        return save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny_sd"))
+    return save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny_sd"))
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +64,4 @@ def tiny_clip_dirs(tmp_path_factory):
     """A tiny random CLIP saved as PyTorch (``pt``) and Flax (``flax``) folders."""
     pytest.importorskip("torch")
     from experiments.tiny_models import save_tiny_clip
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))

@@ -59,3 +59,20 @@ def test_bad_arguments_exit_with_a_clear_message(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "heun" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_text_style_flags_are_checked_before_any_work(tmp_path, capsys):
+    """Missing required flags and bad choices stop at parsing (exit 2, the flag named); the
+    end-to-end runs on tiny models are in tests/tasks/test_text_style.py."""
+    for argv, expected in [(["text-style", "--prompt", "lower"], "--sd"),
+                           (["text-style", "--sd", "a", "--clip", "b", "--prompt", "p", "--style", "s",
+                             "--scheme", "magic"], "--scheme"),
+                           (["text-style", "--sd", "a", "--clip", "b", "--prompt", "p", "--style", "s",
+                             "--rule", "adam"], "--rule"),
+                           (["text-style", "--sd", str(tmp_path / "nowhere"), "--clip", "b", "--prompt", "p",
+                             "--style", "s", "--out", str(tmp_path / "x")], "--sd")]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+        assert expected in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -45,6 +45,128 @@ def _demo(args) -> int:
     return 0
 
 
+_SETTING_FLAGS = (("guidance window", "--window"), ("time-travel window", "--time-travel-window"),
+                  ("num_steps", "--steps"), ("cfg_scale", "--cfg-scale"), ("guidance_scale", "--scale"),
+                  ("time_travel_repeats", "--time-travel"), ("seeds", "--seeds"), ("latent_size", "--latent-size"),
+                  ("clip_prompt", "--clip-prompt"), ("prompt", "--prompt"), ("sampler", "--sampler"))
+
+
+class _FlagError(ValueError):
+    """A bad command-line value, reported with the flag that carries it."""
+
+
+def _text_style_settings(args):
+    from zmagic_jax.tasks import TextStyleSettings
+
+    try:
+        return TextStyleSettings(
+            prompt=args.prompt, clip_prompt=args.clip_prompt, negative_prompt=args.negative_prompt,
+            style_image=args.style, scheme=args.scheme, seeds=tuple(args.seeds), num_steps=args.steps,
+            cfg_scale=args.cfg_scale, guidance_start=args.window[0], guidance_stop=args.window[1],
+            time_travel_repeats=args.time_travel, time_travel_start=args.time_travel_window[0],
+            time_travel_stop=args.time_travel_window[1], rule=args.rule, guidance_scale=args.scale,
+            text_guidance=args.text_guidance, sampler=args.sampler,
+            latent_size=None if args.latent_size is None else tuple(args.latent_size), remat=args.remat)
+    except ValueError as err:
+        flag = next((flag for field, flag in _SETTING_FLAGS if field in str(err)), None)
+        raise _FlagError(f"{flag}: {err}" if flag else str(err)) from err
+
+
+def _text_style_table(report: dict) -> str:
+    rows = [("seed", "method", "content loss", "style loss", "text distance")]
+    for r in report["images"]:
+        rows.append((str(r["seed"]), r["method"], f"{r['content_loss']:.4g}", f"{r['style_loss']:.4g}",
+                     f"{r['text_distance']:.4f}"))
+    for scheme, means in report["mean"].items():
+        label = next(r["method"] for r in report["images"] if r["scheme"] == scheme)
+        rows.append(("mean", label, f"{means['content_loss']:.4g}", f"{means['style_loss']:.4g}",
+                     f"{means['text_distance']:.4f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _text_style(args) -> int:
+    import os
+
+    from zmagic_jax.energies import load_clip
+    from zmagic_jax.models import load_stable_diffusion
+    from zmagic_jax.tasks import TextStyleModels, load_style_image, run_text_style, save_text_style
+
+    settings = _text_style_settings(args)
+    for flag, path in (("--sd", args.sd), ("--clip", args.clip)):
+        if not os.path.isdir(path):
+            raise _FlagError(f"{flag}: {path!r} is not a folder; give a local "
+                             f"{'diffusers Stable Diffusion' if flag == '--sd' else 'transformers CLIP'} folder.")
+    try:
+        load_style_image(args.style, 8)
+    except (OSError, ValueError) as err:
+        raise _FlagError(f"--style: {err}") from err
+
+    with tqdm(total=4, desc="zmagic text-style: load models", unit="stage", file=sys.stderr) as bar:
+        models = []
+        for flag, loader, path in (("--sd", load_stable_diffusion, args.sd), ("--clip", load_clip, args.clip)):
+            try:
+                models.append(loader(path))
+            except (OSError, ValueError) as err:
+                raise _FlagError(f"{flag}: {err}") from err
+        models = TextStyleModels(*models)
+
+        def progress(label):
+            bar.update(1)
+            bar.set_description(f"zmagic text-style: {label}")
+        result = run_text_style(models, settings, progress=progress)
+        bar.update(bar.total - bar.n)
+    report = save_text_style(args.out, result, models)
+    runs = report["runs"]
+    print(f"\n{settings.prompt!r} in the style of {settings.style_image} ({settings.num_steps} steps, "
+          f"CFG {settings.cfg_scale}, {settings.sampler}, rule {settings.rule} x {settings.guidance_scale}). "
+          "content loss: CLIP features vs the plain image of the same seed; style loss: CLIP Gram distance to "
+          "the style; text distance: 1 - CLIP cosine to the prompt.")
+    print(_text_style_table(report))
+    print("\n" + "; ".join(f"{scheme}: compile {r['compile_s']:.1f} s, sample {r['run_s']:.1f} s"
+                           for scheme, r in runs.items()))
+    print(f"wrote {args.out}/metrics.json, grid.png and {len(report['images'])} images")
+    return 0
+
+
+def _add_text_style(sub) -> None:
+    from zmagic_jax.tasks import TEXT_STYLE_SCHEMES
+
+    p = sub.add_parser("text-style", help="Stable Diffusion prompt + CLIP style guidance (FreeDoM / Z-Magic)",
+                       description="Sample Stable Diffusion with a prompt (classifier-free guidance) and a style "
+                                   "image (CLIP Gram energy). Defaults follow FreeDoM's SD style recipe.")
+    p.add_argument("--sd", required=True, help="local diffusers Stable Diffusion folder")
+    p.add_argument("--clip", required=True, help="local transformers CLIP folder (style energy and metrics)")
+    p.add_argument("--prompt", required=True, help="Stable Diffusion prompt")
+    p.add_argument("--clip-prompt", default=None, help="prompt CLIP measures (and guides); default --prompt")
+    p.add_argument("--negative-prompt", default="", help="CFG's unconditional prompt (default empty)")
+    p.add_argument("--style", required=True, help="style reference image (PNG/JPEG)")
+    p.add_argument("--scheme", default="dependent", choices=TEXT_STYLE_SCHEMES,
+                   help="none = CFG only; independent = FreeDoM; dependent = Z-Magic (prompt leads); "
+                        "multi = CAGrad over CLIP text and style")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one image per seed")
+    p.add_argument("--steps", type=int, default=100, help="sampling steps (of 1000)")
+    p.add_argument("--cfg-scale", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--window", type=int, nargs=2, default=[699, 299], metavar=("START", "STOP"),
+                   help="style guidance for STOP < t <= START")
+    p.add_argument("--time-travel", type=int, default=3, metavar="REPEATS", help="repeats per step (1 = off)")
+    p.add_argument("--time-travel-window", type=int, nargs=2, default=[699, 399], metavar=("START", "STOP"),
+                   help="time-travel for STOP < t <= START")
+    p.add_argument("--rule", default="cfg_relative", choices=("cfg_relative", "freedom"),
+                   help="cfg_relative: rho = scale rms(CFG correction) / rms(grad); freedom: rho = sqrt(ab_t) scale")
+    p.add_argument("--scale", type=float, default=0.2, help="factor (cfg_relative) or scale (freedom)")
+    p.add_argument("--text-guidance", action="store_true",
+                   help="also guide the CLIP text distance (independent / dependent; multi always does)")
+    p.add_argument("--sampler", default="ddpm_posterior",
+                   help="ddpm_ancestral, ddpm_posterior, ddim, eta_mixing or pc")
+    p.add_argument("--latent-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="latent size (image = 8x); default the UNet's sample_size")
+    p.add_argument("--remat", action="store_true", help="rematerialise UNet/VAE activations (less memory)")
+    p.add_argument("--out", default="out/text-style", help="output folder (replaced atomically at the end)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="zmagic", description="Zero-shot multi-attribute guided diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,11 +179,14 @@ def main(argv=None) -> int:
     demo.add_argument("--sampler", default="ddpm_posterior",
                       help="ddpm_ancestral, ddpm_posterior, ddim, eta_mixing or pc")
     demo.add_argument("--scale", type=float, default=1.0, help="guidance scale of the score rule")
+    _add_text_style(sub)
     args = parser.parse_args(argv)
     try:
-        return _demo(args)
+        return _demo(args) if args.command == "demo" else _text_style(args)
     except ValueError as err:
         parser.exit(2, f"zmagic {args.command}: error: {err}\n")
+    except FloatingPointError as err:
+        parser.exit(1, f"zmagic {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":

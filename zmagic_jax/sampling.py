@@ -48,7 +48,8 @@ def guided_kernel(eps_fn: Callable, sampler: Sampler, scheme,
     ``xhat`` (Z-Magic Alg. 1, lines 5-10). A sampler's corrector sub-steps run first, each guided
     by the same scheme. With ``time_travel`` the step is repeated inside its window (a
     ``while_loop`` whose trip count depends only on the grid): pass ``r >= 1`` draws its re-noising
-    and step noise from ``split(fold_in(key, r))``, pass 0 uses ``key`` as an unrepeated step does.
+    and step noise from ``split(fold_in(key, r))``, pass 0 uses ``key`` as an unrepeated step does;
+    the step is traced once (all passes run in the loop).
     The info of the last pass is returned, with ``finite`` accumulated over all passes.
     """
     def step(key, x, ctx: StepContext):
@@ -68,19 +69,23 @@ def guided_kernel(eps_fn: Callable, sampler: Sampler, scheme,
         return step
 
     def kernel(key, x, ctx: StepContext):
-        x_next, info = step(key, x, ctx)
         repeats = jnp.where(in_window(ctx.t, time_travel.start, time_travel.stop), time_travel.repeats, 1)
         a = ctx.alpha_bar / ctx.alpha_bar_next
 
+        # One traced copy of the step: pass 0 runs inside the loop too (steps are costly to compile).
         def again(carry):
             r, x_next, info = carry
             noise_key, step_key = jax.random.split(jax.random.fold_in(key, r))
+            step_key = jax.lax.cond(r == 0, lambda: key, lambda: step_key)
             z = jax.random.normal(noise_key, x.shape, x.dtype)
-            x_t = (jnp.sqrt(a) * x_next + jnp.sqrt(1.0 - a) * z).astype(x.dtype)
+            x_t = jnp.where(r == 0, x, (jnp.sqrt(a) * x_next + jnp.sqrt(1.0 - a) * z).astype(x.dtype))
             x_new, new_info = step(step_key, x_t, ctx)
             return r + 1, x_new, new_info._replace(finite=new_info.finite & info.finite)
 
-        _, x_next, info = jax.lax.while_loop(lambda c: c[0] < repeats, again, (jnp.int32(1), x_next, info))
+        shapes = jax.eval_shape(step, key, x, ctx)[1]
+        info0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)._replace(
+            finite=jnp.ones(shapes.finite.shape, bool))
+        _, x_next, info = jax.lax.while_loop(lambda c: c[0] < repeats, again, (jnp.int32(0), x, info0))
         return x_next, info
 
     return kernel

@@ -1,19 +1,15 @@
 """CLIP energies against PyTorch ``CLIPModel`` on a tiny random CLIP (no download, no hub)."""
-import os
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from zmagic_jax.energies import (CLIP_MEAN, CLIP_STD, clip_image_input, clip_style_energy,  # noqa: E402
+from zmagic_jax.energies import (CLIP_MEAN, CLIP_STD, clip_image_input, clip_style_energy,
                                  clip_style_features, clip_text_energy, image_embedding, load_clip,
                                  text_embedding)
-from zmagic_jax.energies._clip import _safe_norm  # noqa: E402
+from zmagic_jax.energies._clip import _safe_norm
 
 LAYER = 3
 
@@ -149,3 +145,51 @@ def test_bad_mode_and_layer(tiny):
         clip_text_energy(tiny["clip"], "a cat", mode="l2")
     with pytest.raises(ValueError, match="layer must be a hidden_states index"):
         clip_style_energy(tiny["clip"], images(0), layer=5)
+
+
+def torch_content(tiny, image, layer):
+    with torch.no_grad():
+        out = tiny["torch"].vision_model(pixel_values=torch_pixels(image), output_hidden_states=True)
+    return out.hidden_states[layer][0, 1:].double()
+
+
+def test_content_style_and_text_metrics_equal_torch_formulas(tiny):
+    """One image's metrics against PyTorch: content = mean squared CLIP feature difference,
+    style = Frobenius norm of the Gram difference (the style energy's value), text distance =
+    1 - cosine (from a prompt or its embedding); the content energy is the content loss, with a
+    finite nonzero gradient under jit and vmap."""
+    from zmagic_jax.energies import clip_content_energy, clip_content_loss, clip_style_loss, clip_text_distance
+
+    clip, image, content, style = tiny["clip"], images(5), images(6, size=(32, 32)), images(7, size=(20, 20))
+    layer = 2
+    f, fc = torch_content(tiny, image, layer), torch_content(tiny, content, layer)
+    expected_content = torch.mean((f - fc) ** 2)
+    fs, fx = torch_style(tiny, style).double(), torch_style(tiny, image).double()
+    expected_style = torch.linalg.norm(fx.T @ fx - fs.T @ fs)
+    expected_text = 1 - F.cosine_similarity(torch_text(tiny, "a cat"), torch_image(tiny, image), dim=0)
+
+    metrics = jax.jit(lambda x, c, s, e: (clip_content_loss(clip, x, c, layer), clip_style_loss(clip, x, s, LAYER),
+                                          clip_text_distance(clip, x, e)))
+    content_loss, style_loss, text_distance = metrics(image, content, style, text_embedding(clip, "a cat"))
+    assert rel_err(content_loss, expected_content.numpy()) < 1e-4
+    assert rel_err(style_loss, expected_style.numpy()) < 1e-4
+    assert rel_err(text_distance, expected_text.numpy()) < 1e-4
+    assert rel_err(clip_text_distance(clip, image, "a cat"), expected_text.numpy()) < 1e-4
+    np.testing.assert_allclose(jax.jit(clip_style_energy(clip, style, LAYER))(image), style_loss, rtol=1e-5)
+
+    energy = clip_content_energy(clip, content, layer)
+    values, grads = jax.jit(jax.vmap(jax.value_and_grad(energy)))(np.stack([image, images(8)]))
+    np.testing.assert_allclose(values[0], content_loss, rtol=1e-5)
+    assert np.all(np.isfinite(grads)) and np.max(np.abs(grads)) > 0
+    assert float(jax.jit(energy)(content)) < 1e-10  # the content reference itself
+
+
+def test_content_and_metric_layers_are_checked(tiny):
+    from zmagic_jax.energies import clip_content_energy, clip_content_loss, clip_style_loss
+
+    with pytest.raises(ValueError, match=r"clip_content_energy: layer must be a hidden_states index in \[0, 4\]"):
+        clip_content_energy(tiny["clip"], images(0), layer=5)
+    with pytest.raises(ValueError, match="clip_content_loss: layer"):
+        clip_content_loss(tiny["clip"], images(0), images(1), layer=-1)
+    with pytest.raises(ValueError, match="clip_style_loss: layer"):
+        clip_style_loss(tiny["clip"], images(0), images(1), layer=2.0)

@@ -28,16 +28,8 @@ def _rel_err(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _offline():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        yield
-
-
 @pytest.fixture(scope="module")
-def tiny_sd(tiny_sd_dirs, _offline):
+def tiny_sd(tiny_sd_dirs):
     return tiny_sd_dirs
 
 
@@ -209,3 +201,44 @@ def test_unsupported_config_is_rejected(sd_copy, config_path, key, value):
     file.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=value if key == "prediction_type" else key):
         load_stable_diffusion(sd_copy)
+
+
+def _guided_outputs(sd, emb, remat):
+    """eps, CFG correction, decoded image and the gradient of a decoded-Tweedie loss, all with
+    the networks under ``remat``."""
+    eps_fn = latent_eps_fn(sd, emb[0], emb[1], 3.0, remat=remat)
+    correction_fn = latent_cfg_correction_fn(sd, emb[0], emb[1], 3.0, remat=remat)
+    ab = sd.schedule.alphas_cumprod[600]
+
+    def loss(x):
+        x0 = (x - jnp.sqrt(1 - ab) * eps_fn(x, 600)) / jnp.sqrt(ab)
+        return jnp.sum(decode_latents(sd, x0, remat=remat) ** 2)
+
+    def outputs(x):
+        return eps_fn(x, 600), correction_fn(x, 600), decode_latents(sd, x, remat=remat), jax.grad(loss)(x)
+    return outputs
+
+
+def test_remat_gives_the_same_values_and_gradients(tiny_sd, x64):
+    # In float64: recomputing the forward pass inside the backward one is compiled (fused,
+    # reassociated) differently, which moves float32 gradients by ~1e-5 relative.
+    sd = load_stable_diffusion(tiny_sd["pt"], dtype=jnp.float64)
+    emb = encode_prompt(sd, ["lowest", ""])
+    x = jnp.asarray(_latent(4), jnp.float64)
+    plain = _compile(_guided_outputs(sd, emb, False), x)(x)
+    assert plain[3].dtype == jnp.float64 and float(jnp.max(jnp.abs(plain[3]))) > 0
+    for remat in (True, "dots_saveable"):
+        checkpointed = _compile(_guided_outputs(sd, emb, remat), x)(x)
+        for a, b in zip(checkpointed, plain):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("remat", ["bogus_policy", 1, None, "save_only_these_names"])
+def test_bad_remat_is_rejected(sd, remat):
+    emb = np.zeros((77, 32), np.float32)
+    with pytest.raises(ValueError, match="latent_eps_fn: remat"):
+        latent_eps_fn(sd, emb, emb, 1.0, remat=remat)
+    with pytest.raises(ValueError, match="latent_cfg_correction_fn: remat"):
+        latent_cfg_correction_fn(sd, emb, emb, 1.0, remat=remat)
+    with pytest.raises(ValueError, match="decode_latents: remat"):
+        decode_latents(sd, jnp.zeros((4, 8, 8)), remat=remat)

@@ -11,9 +11,13 @@ from zmagic_jax.energies._image import (
 )
 from zmagic_jax.energies._clip import (
     Clip,
+    clip_content_energy,
+    clip_content_loss,
     clip_image_input,
     clip_style_energy,
     clip_style_features,
+    clip_style_loss,
+    clip_text_distance,
     clip_text_energy,
     image_embedding,
     load_clip,

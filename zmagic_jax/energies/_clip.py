@@ -1,6 +1,6 @@
 """CLIP energies: text guidance and style guidance on the clean-image estimate ``x0``.
 
-Both follow the library contract: ``energy(x0) -> scalar`` for ONE ``(H, W, 3)`` image in
+All follow the library contract: ``energy(x0) -> scalar`` for ONE ``(H, W, 3)`` image in
 ``[-1, 1]``, network parameters closed over, pure JAX (jit / vmap / grad friendly). Gradients are
 taken by the samplers, never in here.
 
@@ -10,6 +10,11 @@ taken by the samplers, never in here.
   condition as a cosine distance ``1 - cos(e_T, e_I(x0))``.
 * Style (FreeDoM): ``E(x0) = || G(F(x0)) - G(F(ref)) ||_F`` with ``F`` the CLIP vision tokens
   after a few encoder blocks and ``G(F) = F^T F`` the Gram matrix.
+* Content (a perceptual loss to a reference image): the mean squared difference of those CLIP
+  tokens, standing in for the usual VGG content loss (no VGG weights are available here).
+
+Metrics of one image (Z-Magic Table 2 style): :func:`clip_content_loss`, :func:`clip_style_loss`
+and :func:`clip_text_distance`.
 
 Weights are read from a local folder only; this module never downloads anything.
 """
@@ -237,3 +242,52 @@ def clip_style_energy(clip: Clip, style_image, layer: int = 3):
     def energy(x0):
         return _safe_norm(gram_matrix(clip_style_features(clip, x0, layer)) - reference)
     return energy
+
+
+def _check_layer(clip: Clip, layer, who: str) -> int:
+    num_layers = clip.model.config.vision_config.num_hidden_layers
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer <= num_layers:
+        raise ValueError(f"{who}: layer must be a hidden_states index in [0, {num_layers}]; got {layer!r}.")
+    return int(layer)
+
+
+def clip_content_loss(clip: Clip, image, content_image, layer: int):
+    """Perceptual content loss of one ``[-1, 1]`` image against a content reference:
+    ``mean_{k, c} (F(x)_{k c} - F(ref)_{k c})^2`` over the CLIP vision tokens ``F`` (CLS dropped)
+    after ``layer`` encoder blocks (a ``hidden_states`` index, as in :func:`clip_style_features`).
+
+    The style-transfer literature (and Z-Magic's Table 2) measures content with VGG features;
+    no VGG weights are available to this library, so the CLIP vision tower stands in: same role
+    (squared feature difference at one depth), different network, so the numbers are not
+    comparable with VGG content losses."""
+    layer = _check_layer(clip, layer, "clip_content_loss")
+    return jnp.mean(jnp.square(clip_style_features(clip, image, layer)
+                               - clip_style_features(clip, content_image, layer)))
+
+
+def clip_content_energy(clip: Clip, content_image, layer: int):
+    """``E(x0) = clip_content_loss(x0, content_image)``, the reference features computed once
+    here (see :func:`clip_content_loss`; a CLIP stand-in for the usual VGG content loss)."""
+    layer = _check_layer(clip, layer, "clip_content_energy")
+    reference = jax.jit(lambda image: clip_style_features(clip, image, layer))(content_image)
+
+    def energy(x0):
+        return jnp.mean(jnp.square(clip_style_features(clip, x0, layer) - reference))
+    return energy
+
+
+def clip_style_loss(clip: Clip, image, style_image, layer: int = 3):
+    """Style loss of one ``[-1, 1]`` image: ``|| G(F(x)) - G(F(style)) ||_F``, the value of
+    :func:`clip_style_energy` (unnormalised Gram ``G(F) = F^T F`` of the CLIP vision tokens)."""
+    layer = _check_layer(clip, layer, "clip_style_loss")
+    return _safe_norm(gram_matrix(clip_style_features(clip, image, layer))
+                      - gram_matrix(clip_style_features(clip, style_image, layer)))
+
+
+def clip_text_distance(clip: Clip, image, text):
+    """CLIP text distance of one ``[-1, 1]`` image: ``1 - cos(e_I(x), e_T)`` (Z-Magic's text
+    metric; ``1 - CLIPScore / 100`` up to CLIPScore's clipping at 0). ``text`` is a prompt, or its
+    :func:`text_embedding` (an array, e.g. to keep it a traced argument under ``jit``)."""
+    text = text_embedding(clip, text) if isinstance(text, str) else jnp.asarray(text)
+    image = image_embedding(clip, image)
+    return 1.0 - jnp.dot(text, image) / (jnp.linalg.norm(text) * jnp.linalg.norm(image))

@@ -67,6 +67,24 @@ _LAYOUT_HELP = (
 )
 
 
+# ``remat`` names: the ready-made policies of ``jax.checkpoint_policies`` (the others there are
+# factories that need arguments).
+_REMAT_POLICIES = ("everything_saveable", "nothing_saveable", "dots_saveable", "checkpoint_dots",
+                   "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
+
+
+def _rematerialized(fn: Callable, remat, who: str) -> Callable:
+    """``fn`` as it is (``remat=False``), under ``jax.checkpoint`` (``True``: nothing inside
+    ``fn`` is kept for the backward pass, it is recomputed) or under ``jax.checkpoint`` with the
+    ``jax.checkpoint_policies`` of that name (e.g. ``"dots_saveable"``)."""
+    if isinstance(remat, bool):
+        return jax.checkpoint(fn) if remat else fn
+    if isinstance(remat, str) and remat in _REMAT_POLICIES:
+        return jax.checkpoint(fn, policy=getattr(jax.checkpoint_policies, remat))
+    raise ValueError(f"{who}: remat must be False, True or the name of a jax.checkpoint_policies "
+                     f"policy, one of {list(_REMAT_POLICIES)}; got {remat!r}.")
+
+
 class StableDiffusion(NamedTuple):
     """A loaded Stable Diffusion: the three networks with their parameters, the tokenizer, the
     training noise schedule and the VAE latent scaling ``z = vae_scaling_factor * E(image)``."""
@@ -288,9 +306,13 @@ def encode_prompt(sd: StableDiffusion, prompts: Sequence[str]) -> jnp.ndarray:
     return out.last_hidden_state
 
 
-def _cfg_branches(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_scale, who: str) -> Callable:
+def _cfg_branches(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_scale, remat,
+                  who: str) -> Callable:
     """Validated ``branches(x, t) -> (eps_u, eps_c)``: both UNet branches of one latent in a single
     UNet call on a batch of two copies of ``x``."""
+    unet = _rematerialized(
+        lambda params, x, timesteps, context: sd.unet.apply(
+            {"params": params}, x, timesteps, context, train=False).sample, remat, who)
     cond = jnp.asarray(prompt_embeds)
     uncond = jnp.asarray(uncond_embeds)
     cross_dim = int(sd.unet.cross_attention_dim)
@@ -309,15 +331,14 @@ def _cfg_branches(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_sc
             raise ValueError(f"{who}: x must be one latent ({channels}, h, w); got shape {x.shape}.")
         # One timestep per batch row; integer like the PyTorch UNet's (it embeds t as float).
         timesteps = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (2,))
-        eps = sd.unet.apply({"params": sd.unet_params}, jnp.stack([x, x]), timesteps, context,
-                            train=False).sample
+        eps = unet(sd.unet_params, jnp.stack([x, x]), timesteps, context)
         return eps[0], eps[1]
 
     return branches
 
 
 def latent_eps_fn(sd: StableDiffusion, prompt_embeds, uncond_embeds,
-                  guidance_scale: float) -> Callable:
+                  guidance_scale: float, *, remat=False) -> Callable:
     """Classifier-free-guided noise predictor for ONE latent sample (the denoiser contract).
 
     Returns ``eps_fn(x, t) = eps_u + w (eps_c - eps_u)`` with ``eps_c = UNet(x, t, c)``,
@@ -327,8 +348,14 @@ def latent_eps_fn(sd: StableDiffusion, prompt_embeds, uncond_embeds,
     (static or traced) of ``sd.schedule``. ``prompt_embeds`` / ``uncond_embeds`` are one
     prompt's embeddings ``(L, D)`` (e.g. ``encode_prompt(sd, [p])[0]`` and of ``""``).
     Both branches run in a single UNet call on a batch of two copies of ``x``.
+
+    ``remat=True`` wraps the UNet call in ``jax.checkpoint``: differentiating through ``eps_fn``
+    (every guidance scheme does) then stores only the UNet's inputs and recomputes its
+    activations in the backward pass, bounding memory at the price of one more forward pass.
+    A ``jax.checkpoint_policies`` name (e.g. ``"dots_saveable"``) keeps what that policy saves.
     """
-    branches = _cfg_branches(sd, prompt_embeds, uncond_embeds, guidance_scale, "latent_eps_fn")
+    branches = _cfg_branches(sd, prompt_embeds, uncond_embeds, guidance_scale, remat,
+                             "latent_eps_fn")
 
     def eps_fn(x, t):
         eps_u, eps_c = branches(x, t)
@@ -338,14 +365,15 @@ def latent_eps_fn(sd: StableDiffusion, prompt_embeds, uncond_embeds,
 
 
 def latent_cfg_correction_fn(sd: StableDiffusion, prompt_embeds, uncond_embeds,
-                             guidance_scale: float) -> Callable:
+                             guidance_scale: float, *, remat=False) -> Callable:
     """``correction(x, t) = w (eps_c - eps_u)``: what classifier-free guidance adds to the
-    unconditional noise prediction of one latent (same arguments as :func:`latent_eps_fn`).
+    unconditional noise prediction of one latent (same arguments, ``remat`` included, as
+    :func:`latent_eps_fn`).
 
     FreeDoM's Stable Diffusion step size is relative to its size (see
     :func:`zmagic_jax.cfg_relative_rule`).
     """
-    branches = _cfg_branches(sd, prompt_embeds, uncond_embeds, guidance_scale,
+    branches = _cfg_branches(sd, prompt_embeds, uncond_embeds, guidance_scale, remat,
                              "latent_cfg_correction_fn")
 
     def correction(x, t):
@@ -355,10 +383,16 @@ def latent_cfg_correction_fn(sd: StableDiffusion, prompt_embeds, uncond_embeds,
     return correction
 
 
-def decode_latents(sd: StableDiffusion, latents) -> jnp.ndarray:
+def decode_latents(sd: StableDiffusion, latents, *, remat=False) -> jnp.ndarray:
     """Decode one latent ``z`` ``(4, h, w)`` to an image ``(f h, f w, 3)`` (channels-last) in the
     VAE's range ``[-1, 1]`` (not clipped, so it stays differentiable): ``D(z / scaling_factor)``.
-    ``f = 2 ** (len(vae block_out_channels) - 1)``, 8 for Stable Diffusion."""
+    ``f = 2 ** (len(vae block_out_channels) - 1)``, 8 for Stable Diffusion.
+
+    ``remat`` as in :func:`latent_eps_fn`, for the VAE decoder call: its activations at the full
+    image resolution dominate the memory of gradients of image energies."""
+    decoder = _rematerialized(
+        lambda params, z: sd.vae.apply({"params": params}, z, method=sd.vae.decode).sample,
+        remat, "decode_latents")
     z = jnp.asarray(latents)
     channels = int(sd.vae.latent_channels)
     if z.ndim != 3 or z.shape[0] != channels:
@@ -367,5 +401,5 @@ def decode_latents(sd: StableDiffusion, latents) -> jnp.ndarray:
     # Hand the VAE channels-last input: its decode() guesses the layout from the last axis and
     # would mis-read an NCHW latent whose width equals the channel count.
     z = jnp.transpose(z / sd.vae_scaling_factor, (1, 2, 0))[None]
-    image = sd.vae.apply({"params": sd.vae_params}, z, method=sd.vae.decode).sample
+    image = decoder(sd.vae_params, z)
     return jnp.transpose(image[0], (1, 2, 0))

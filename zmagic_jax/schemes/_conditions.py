@@ -82,9 +82,12 @@ def rho_of(conditions, index, ctx, eps, grad, x):
 
     Constant for differentiation: ``stop_gradient``, as every step rule prescribes.
     """
-    rhos = jnp.stack([jnp.asarray(c.rule.rho(ctx, eps, grad, x), grad.dtype)
-                      * c.rule.active(ctx).astype(grad.dtype) for c in conditions])
-    return jax.lax.stop_gradient(rhos[index])
+    def one(c):
+        return jnp.asarray(c.rule.rho(ctx, eps, grad, x), grad.dtype) * c.rule.active(ctx).astype(grad.dtype)
+
+    if isinstance(index, int):  # a static index evaluates one rule (a rule may run a network)
+        return jax.lax.stop_gradient(one(conditions[index]))
+    return jax.lax.stop_gradient(jnp.stack([one(c) for c in conditions])[index])
 
 
 def any_active(conditions, ctx):

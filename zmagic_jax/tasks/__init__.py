@@ -10,3 +10,17 @@ from zmagic_jax.tasks._testbed import (
     measurement_condition,
 )
 from zmagic_jax.tasks._testbed_demo import DemoSettings, run_testbed_demo
+from zmagic_jax.tasks._text_style import (
+    TEXT_STYLE_SCHEMES,
+    TextStyleModels,
+    TextStyleResult,
+    TextStyleSamples,
+    TextStyleSettings,
+    load_style_image,
+    load_text_style_models,
+    run_text_style,
+    sample_text_style,
+    save_text_style,
+    text_style_metrics,
+    text_style_report,
+)
