@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import zmagic_jax as zm
 from tests.conftest import gaussian_eps_fn
@@ -12,15 +13,23 @@ EPS = gaussian_eps_fn(SCHEDULE, MEAN, VAR)
 COND = zm.condition("left", lambda x0: jnp.sum((x0[:2] - 0.3) ** 2), zm.freedom_rule(0.5, stop=100))
 
 
-def test_one_repeat_is_plain_sampling():
+OTHER = zm.condition("right", lambda x0: jnp.sum((x0[1:] + 0.2) ** 2), zm.norm_relative_rule(0.05))
+
+
+@pytest.mark.parametrize("scheme", [zm.none([COND]), zm.independent([COND]), zm.dependent([COND]),
+                                    zm.dependent([COND, OTHER]), zm.multi([COND, OTHER])], ids=lambda s: s.name)
+def test_one_repeat_is_plain_sampling(scheme):
     grid = zm.timestep_grid(1000, 20)
     x_T = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
-    scheme = zm.independent([COND])
     a, ta = zm.sample(jax.random.PRNGKey(1), x_T, EPS, SCHEDULE, grid, scheme, "ddpm_posterior")
     b, tb = zm.sample(jax.random.PRNGKey(1), x_T, EPS, SCHEDULE, grid, scheme, "ddpm_posterior",
                       time_travel=zm.time_travel(1))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(ta.energies), np.asarray(tb.energies))
+    c, tc = zm.sample(jax.random.PRNGKey(1), x_T, EPS, SCHEDULE, grid, scheme, "ddpm_posterior",
+                      time_travel=zm.time_travel(3, start=600, stop=200))
+    assert np.all(np.isfinite(np.asarray(c))) and not np.array_equal(np.asarray(a), np.asarray(c))
+    assert np.asarray(tc.finite).all()
 
 
 def test_matches_a_python_loop_of_step_and_renoise():

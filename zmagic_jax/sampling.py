@@ -10,7 +10,8 @@ import numpy as np
 
 from zmagic_jax.samplers import Sampler, StepContext, run_chain, sampler_by_name, step_contexts
 from zmagic_jax.schedules import Schedule, TimestepGrid
-from zmagic_jax.schemes._schemes import Dependent, Independent, Multi, NoGuidance, direction, none
+from zmagic_jax.schemes._schemes import (Dependent, GuidanceInfo, Independent, Multi, NoGuidance, direction,
+                                         none)
 from zmagic_jax.step_rules import check_window, check_window_hits, in_window
 
 _SCHEME_TYPES = (NoGuidance, Independent, Dependent, Multi)
@@ -82,9 +83,9 @@ def guided_kernel(eps_fn: Callable, sampler: Sampler, scheme,
             x_new, new_info = step(step_key, x_t, ctx)
             return r + 1, x_new, new_info._replace(finite=new_info.finite & info.finite)
 
-        shapes = jax.eval_shape(step, key, x, ctx)[1]
-        info0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)._replace(
-            finite=jnp.ones(shapes.finite.shape, bool))
+        n = len(scheme.conditions)
+        info0 = GuidanceInfo(jnp.zeros((n,), x.dtype), jnp.zeros((n,), x.dtype), jnp.asarray(jnp.nan, x.dtype),
+                             jnp.asarray(False), jnp.ones((n,), bool))
         _, x_next, info = jax.lax.while_loop(lambda c: c[0] < repeats, again, (jnp.int32(0), x, info0))
         return x_next, info
 
