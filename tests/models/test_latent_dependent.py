@@ -7,6 +7,8 @@ compiled float64 kernels for this graph differ from op-by-op execution by ~1e-7 
 the bound here is 1e-6; the exact 1e-10 checks of the algorithm are in tests/schemes. A wrong
 term II (a missing Hessian part, ``A`` instead of ``A^T``, the wrong point) is off by O(1e-2..1).
 """
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,7 +66,12 @@ def _x0(eps_fn, x, ctx):
     return zm.x0_from_eps(x, eps_fn(x, ctx.t), ctx.alpha_bar)
 
 
-@pytest.mark.parametrize("leader", ["pixels", "model"])
+# The two-condition variant (its Hessian through VAE and UNet) takes ~4 min to compile on 2 cores;
+# Algorithm 1 itself is checked exactly (1e-10) in tests/schemes, so it runs with ZMAGIC_SLOW_TESTS=1.
+@pytest.mark.parametrize("leader", [
+    pytest.param("pixels", marks=pytest.mark.skipif(not os.environ.get("ZMAGIC_SLOW_TESTS"),
+                                                     reason="slow: set ZMAGIC_SLOW_TESTS=1")),
+    "model"])
 def test_term_two_through_unet_vae_clip_equals_explicit_jacobian(latent_setup, leader):
     """``leader="pixels"``: Algorithm 1 with a decoded-image energy first (its Hessian enters term II);
     ``"model"``: the CFG prompt leads (the paper's SD text + style setting)."""

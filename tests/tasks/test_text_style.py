@@ -4,7 +4,6 @@ Stable Diffusion and CLIP (6 steps; guidance on t = 664, 498, 332).
 Every compiled program is built once (module-scoped cache, shared with the CLI and the experiment
 script, whose weights and settings are the same) and compiled without XLA's expensive passes."""
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -25,7 +24,6 @@ FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes"
 # (test_settings_reach_the_sampler), the sampling runs go without it.
 STEPS, TRAVEL = 6, 1
 GUIDED_T = [664, 498, 332]
-SLOW = bool(os.environ.get("ZMAGIC_SLOW_TESTS"))
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +44,11 @@ def setup(tiny_sd_dirs, tiny_clip_dirs, style_path):
 
 @pytest.fixture(scope="module")
 def runs(setup):
-    """Every scheme on seed 0 (``multi`` guides CLIP text and style). ``multi`` differentiates
-    twice through UNet, VAE and CLIP: tracing and compiling it take ~6 min on 2 busy CPU cores, so
-    it runs only with ZMAGIC_SLOW_TESTS=1 (test_scheme_conditions checks its wiring)."""
+    """Every scheme on seed 0 (``multi`` guides CLIP text and style; it differentiates twice through
+    UNet, VAE and CLIP for two energies, and compiling it takes ~2-3 min on 2 CPU cores)."""
     models, settings, cache = setup
-    schemes = TEXT_STYLE_SCHEMES if SLOW else ("none", "independent", "dependent")
     return {scheme: sample_text_style(models, settings, scheme, cache=cache, compiler_options=FAST)
-            for scheme in schemes}
+            for scheme in TEXT_STYLE_SCHEMES}
 
 
 @pytest.fixture
