@@ -132,3 +132,66 @@ def save_tiny_clip(root, seed: int = 0) -> dict:
     clip_pt.model.save_pretrained(flax_dir, params=clip_pt.params)
     tokenizer.save_pretrained(flax_dir)
     return dict(pt=pt_dir, flax=flax_dir, torch=torch_model, tokenizer=tokenizer)
+
+
+def random_params(port, config, seed: int = 0) -> dict:
+    """Random params of ``port``'s module at ``config`` without running its init: shapes from
+    ``jax.eval_shape``; kernels ``N(0, 1/fan_in)``, biases and shifts small, scales near 1, PReLU
+    slopes 0.25 (an op-by-op init of even a tiny UNet takes seconds on CPU, this is instant)."""
+    import jax
+    from flax import traverse_util
+    import numpy as np
+
+    module = port.module(config)
+    shapes = traverse_util.flatten_dict(jax.eval_shape(module.init, jax.random.key(0),
+                                                       *port.example(config))["params"])
+    rng = np.random.default_rng(seed)
+    params = {}
+    for path, leaf in shapes.items():
+        shape, name = tuple(leaf.shape), path[-1]
+        if name == "kernel":
+            fan_in = int(np.prod(shape[:-1]))
+            value = rng.normal(0.0, 1.0 / np.sqrt(fan_in), shape)
+        elif name == "scale":
+            value = 1.0 + 0.1 * rng.normal(size=shape)
+        elif name == "alpha":
+            value = np.full(shape, 0.25)
+        else:
+            value = 0.05 * rng.normal(size=shape)
+        params[path] = value.astype(np.float32)
+    return traverse_util.unflatten_dict(params)
+
+
+def tiny_face_configs(resolution: int = 32) -> dict:
+    """Reduced configs of the face networks (same code paths as the published ones)."""
+    from zmagic_jax.models import ArcFaceConfig, BiSeNetConfig, DDPMUNetConfig, MobileFaceNetConfig
+    return {
+        "ddpm_unet": DDPMUNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(resolution // 2,),
+                               resolution=resolution),
+        "bisenet": BiSeNetConfig(resnet_widths=(8, 16, 32, 64), context_channels=16, fuse_channels=32,
+                                 aux_mid_channels=8),
+        "arcface": ArcFaceConfig(stage_units=(1, 1, 1, 1), widths=(16, 16, 32, 32), input_size=32, embedding_size=32),
+        "mobilefacenet": MobileFaceNetConfig(input_size=32, widths=(8, 16, 32), expansions=(16, 16, 32, 32, 32, 32),
+                                             residual_units=(1, 1, 1)),
+    }
+
+
+def save_tiny_face_models(root, resolution: int = 32, seed: int = 0, clip: bool = True) -> dict:
+    """Tiny random face networks written as converted ``.safetensors`` (network name and config in
+    the header, as ``zmagic convert`` writes them) and, with ``clip``, a tiny CLIP folder.
+    Returns ``{"unet", "bisenet", "arcface", "landmarks", "clip"}`` paths."""
+    from zmagic_jax.ports import PORTS, save_params
+    from zmagic_jax.ports._checkpoint import config_to_json
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for i, (name, config) in enumerate(tiny_face_configs(resolution).items()):
+        port = PORTS[name]
+        path = root / f"{name}.safetensors"
+        save_params(path, random_params(port, config, seed + i),
+                    metadata={"network": port.name, "config": config_to_json(config)})
+        paths[{"mobilefacenet": "landmarks", "ddpm_unet": "unet"}.get(name, name)] = path
+    if clip:
+        paths["clip"] = save_tiny_clip(root / "clip", seed)["flax"]
+    return paths

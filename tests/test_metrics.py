@@ -7,7 +7,7 @@ from scipy.spatial.distance import cdist
 from scipy.stats import energy_distance as scipy_energy_distance
 from scipy.stats import wasserstein_distance
 
-from zmagic_jax.metrics import energy_distance, sliced_wasserstein
+from zmagic_jax.metrics import energy_distance, frechet_distance, sliced_wasserstein
 
 KEY = jax.random.PRNGKey(0)
 
@@ -117,3 +117,19 @@ def test_validation():
         sliced_wasserstein(KEY, x, x, p=0.5)
     with pytest.raises(ValueError, match="num_projections must be >= 1"):
         sliced_wasserstein(KEY, x, x, num_projections=0)
+
+
+def test_frechet_distance_matches_scipy_sqrtm_formula():
+    from scipy.linalg import sqrtm
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6))
+    y = 0.5 + rng.normal(size=(200, 6)) @ rng.normal(size=(6, 6))
+    cx, cy = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    ref = np.sum((x.mean(0) - y.mean(0)) ** 2) + np.trace(cx + cy - 2 * np.real(sqrtm(cx @ cy)))
+    assert abs(frechet_distance(x, y) - ref) < 1e-8 * ref
+    assert frechet_distance(x, x) < 1e-9 * np.trace(cx)
+    assert abs(frechet_distance(x, y) - frechet_distance(y, x)) < 1e-9 * ref
+    one_d = frechet_distance(x[:, :1], y[:, :1])
+    assert abs(one_d - ((x[:, 0].mean() - y[:, 0].mean()) ** 2 + (x[:, 0].std(ddof=1) - y[:, 0].std(ddof=1)) ** 2)) < 1e-9
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        frechet_distance(x[:1], y)

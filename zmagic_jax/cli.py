@@ -6,6 +6,8 @@ import sys
 
 from tqdm import tqdm
 
+from zmagic_jax._cli_face import add_convert, add_face, run_convert, run_face
+
 
 def _table(report: dict) -> str:
     rows = [("d", "setting", "scheme", "E class", "E meas_1", "E meas_2", "ED", "SW", "cos", "diverged",
@@ -180,9 +182,12 @@ def main(argv=None) -> int:
                       help="ddpm_ancestral, ddpm_posterior, ddim, eta_mixing or pc")
     demo.add_argument("--scale", type=float, default=1.0, help="guidance scale of the score rule")
     _add_text_style(sub)
+    add_face(sub)
+    add_convert(sub)
     args = parser.parse_args(argv)
+    commands = {"demo": _demo, "text-style": _text_style, "face": run_face, "convert": run_convert}
     try:
-        return _demo(args) if args.command == "demo" else _text_style(args)
+        return commands[args.command](args)
     except ValueError as err:
         parser.exit(2, f"zmagic {args.command}: error: {err}\n")
     except FloatingPointError as err:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from zmagic_jax.energies import (CLIP_MEAN, CLIP_STD, clip_image_input, clip_style_energy,
                                  clip_style_features, clip_text_energy, image_embedding, load_clip,
                                  text_embedding)
-from zmagic_jax.energies._clip import _safe_norm
+from zmagic_jax.energies import safe_norm
 
 LAYER = 3
 
@@ -112,8 +112,8 @@ def test_energies_equal_torch_formulas_under_jit_vmap_grad(tiny):
 
 def test_norm_at_the_minimum_has_zero_gradient():
     """At an exact match the guidance step must be zero, not NaN (the gradient of sqrt at 0)."""
-    np.testing.assert_array_equal(jax.grad(_safe_norm)(jnp.zeros((4, 4))), 0.0)
-    np.testing.assert_allclose(jax.grad(_safe_norm)(jnp.array([3.0, 4.0])), [0.6, 0.8], rtol=1e-6)
+    np.testing.assert_array_equal(jax.grad(safe_norm)(jnp.zeros((4, 4))), 0.0)
+    np.testing.assert_allclose(jax.grad(safe_norm)(jnp.array([3.0, 4.0])), [0.6, 0.8], rtol=1e-6)
 
 
 def test_missing_folder_files_and_weights(tmp_path, tiny):

@@ -1,4 +1,4 @@
-"""Building blocks of perception energies: PyTorch-exact bicubic resize, normalisation, Gram matrices."""
+"""Energies on x0: CLIP text / style / content, face parsing, identity and landmarks, and their building blocks."""
 from zmagic_jax.energies._image import (
     CLIP_MEAN,
     CLIP_STD,
@@ -8,6 +8,7 @@ from zmagic_jax.energies._image import (
     gram_matrix,
     normalize_signed,
     resize_bicubic,
+    safe_norm,
 )
 from zmagic_jax.energies._clip import (
     Clip,
@@ -22,4 +23,18 @@ from zmagic_jax.energies._clip import (
     image_embedding,
     load_clip,
     text_embedding,
+)
+from zmagic_jax.energies._face import (
+    LANDMARK_NETS,
+    Net,
+    face_id_energy,
+    face_landmarks,
+    face_parsing_energy,
+    identity_distance,
+    identity_embedding,
+    landmark_distance,
+    landmark_energy,
+    parsing_labels,
+    parsing_logits,
+    parsing_mse,
 )

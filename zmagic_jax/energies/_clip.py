@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zmagic_jax.energies._image import CLIP_MEAN, CLIP_STD, gram_matrix, normalize_signed, resize_bicubic
+from zmagic_jax.energies._image import CLIP_MEAN, CLIP_STD, gram_matrix, normalize_signed, resize_bicubic, safe_norm
 
 _FLAX_WEIGHTS = "flax_model.msgpack"
 _PT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -185,14 +185,6 @@ def text_embedding(clip: Clip, prompt: str):
     return features({"params": clip.params}, ids, np.ones_like(ids), positions)[0]
 
 
-def _safe_norm(x):
-    """Euclidean / Frobenius norm whose gradient at ``x = 0`` is 0 instead of NaN (the energy's
-    minimum, e.g. the style reference itself, must give a zero guidance step, not NaNs)."""
-    squared = jnp.sum(jnp.square(x))
-    positive = squared > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
-
-
 def clip_text_energy(clip: Clip, prompt: str, mode: str = "freedom"):
     """CLIP text energy of ``x0`` for ``prompt``, with ``e_T`` the text and ``e_I(x0)`` the image
     embedding (both projected, unnormalised):
@@ -208,7 +200,7 @@ def clip_text_energy(clip: Clip, prompt: str, mode: str = "freedom"):
     def energy(x0):
         image = image_embedding(clip, x0)
         if mode == "freedom":
-            return _safe_norm(text - image)
+            return safe_norm(text - image)
         return 1.0 - jnp.dot(text, image) / (jnp.linalg.norm(text) * jnp.linalg.norm(image))
     return energy
 
@@ -240,7 +232,7 @@ def clip_style_energy(clip: Clip, style_image, layer: int = 3):
     reference = jax.jit(lambda image: gram_matrix(clip_style_features(clip, image, layer)))(style_image)
 
     def energy(x0):
-        return _safe_norm(gram_matrix(clip_style_features(clip, x0, layer)) - reference)
+        return safe_norm(gram_matrix(clip_style_features(clip, x0, layer)) - reference)
     return energy
 
 
@@ -280,7 +272,7 @@ def clip_style_loss(clip: Clip, image, style_image, layer: int = 3):
     """Style loss of one ``[-1, 1]`` image: ``|| G(F(x)) - G(F(style)) ||_F``, the value of
     :func:`clip_style_energy` (unnormalised Gram ``G(F) = F^T F`` of the CLIP vision tokens)."""
     layer = _check_layer(clip, layer, "clip_style_loss")
-    return _safe_norm(gram_matrix(clip_style_features(clip, image, layer))
+    return safe_norm(gram_matrix(clip_style_features(clip, image, layer))
                       - gram_matrix(clip_style_features(clip, style_image, layer)))
 
 

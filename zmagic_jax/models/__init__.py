@@ -1,4 +1,5 @@
-"""Denoisers and priors: the exact Gaussian-mixture testbed model."""
+"""Denoisers and networks: the exact Gaussian-mixture testbed, Stable Diffusion, the CelebA-HQ pixel DDPM
+and the ported face networks (ArcFace, BiSeNet, MobileFaceNet, MTCNN ONet)."""
 from zmagic_jax.models._gmm import (
     GaussianMixture,
     component_x0_posterior,
@@ -23,3 +24,9 @@ from zmagic_jax.models._stable_diffusion import (
     latent_eps_fn,
     load_stable_diffusion,
 )
+from zmagic_jax.models._arcface import ArcFace, ArcFaceConfig, arcface_preprocess
+from zmagic_jax.models._bisenet import BiSeNet, BiSeNetConfig, bisenet_preprocess
+from zmagic_jax.models._ddpm_unet import DDPM_CELEBA_HQ, DDPMUNet, DDPMUNetConfig, ddpm_eps_fn, timestep_embedding
+from zmagic_jax.models._mobilefacenet import MobileFaceNet, MobileFaceNetConfig, landmark_preprocess
+from zmagic_jax.models._mtcnn import ONet, ONetConfig, onet_landmarks, onet_preprocess
+from zmagic_jax.models._resize import adaptive_avg_pool_torch, check_box, resize_bicubic_torch

@@ -24,3 +24,20 @@ from zmagic_jax.tasks._text_style import (
     text_style_metrics,
     text_style_report,
 )
+from zmagic_jax.tasks._face import (
+    FACE_SCHEMES,
+    FACE_TASKS,
+    FaceModels,
+    FaceReferences,
+    FaceResult,
+    FaceSamples,
+    FaceSettings,
+    face_features,
+    face_metrics,
+    face_report,
+    load_face_models,
+    run_faces,
+    run_label,
+    sample_faces,
+    save_faces,
+)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 import warnings
 from pathlib import Path
@@ -44,6 +43,7 @@ from zmagic_jax.sampling import sample, time_travel
 from zmagic_jax.schedules import timestep_grid
 from zmagic_jax.schemes import condition, dependent, independent, multi, none
 from zmagic_jax.step_rules import cfg_relative_rule, check_window_hits, freedom_rule
+from zmagic_jax.tasks._outputs import load_image, save_png, to_uint8
 
 TEXT_STYLE_SCHEMES = ("none", "independent", "dependent", "multi")
 METRICS = ("content_loss", "style_loss", "text_distance")
@@ -169,18 +169,7 @@ def load_text_style_models(sd_path, clip_path, dtype=jnp.float32) -> TextStyleMo
 def load_style_image(path, size: int) -> np.ndarray:
     """Read an RGB image as a ``(size, size, 3)`` float32 array in ``[-1, 1]`` (PIL bilinear resize,
     FreeDoM's reference preprocessing). Raises ``FileNotFoundError`` / ``ValueError`` naming the file."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"style image {path!r} does not exist; give the path of a PNG or JPEG file.")
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB").resize((size, size), Image.BILINEAR)
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"style image {path!r} could not be read as an image ({err}); "
-                         "give a PNG or JPEG file.") from err
-    return (np.asarray(image, np.float32) / 127.5 - 1.0).astype(np.float32)
+    return load_image(path, (size, size), "style image")
 
 
 def _latent_shape(sd: StableDiffusion, settings: TextStyleSettings) -> tuple:
@@ -381,15 +370,6 @@ METRIC_NOTES = {
 }
 
 
-def _to_uint8(image) -> np.ndarray:
-    return np.round((np.clip(np.asarray(image, np.float64), -1, 1) + 1) * 127.5).astype(np.uint8)
-
-
-def _save_png(path, image) -> None:
-    from PIL import Image
-    Image.fromarray(_to_uint8(image)).save(path)
-
-
 def _save_grid(path, result: TextStyleResult, style) -> None:
     plt = figures.plt
     rows = [("none", result.reference)] + ([] if result.settings.scheme == "none"
@@ -401,14 +381,14 @@ def _save_grid(path, result: TextStyleResult, style) -> None:
         axes[r, 0].axis("off")
         for c, seed in enumerate(seeds):
             ax = axes[r, c + 1]
-            ax.imshow(_to_uint8(samples.images[c]))
+            ax.imshow(to_uint8(samples.images[c]))
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(f"seed {seed}", fontsize=8)
             if c == 0:
                 ax.set_ylabel(METHOD_LABELS[scheme], fontsize=7)
-    axes[0, 0].imshow(_to_uint8(style))
+    axes[0, 0].imshow(to_uint8(style))
     axes[0, 0].set_title("style", fontsize=8)
     fig.suptitle(f"{result.settings.prompt!r}", fontsize=9)
     fig.tight_layout()
@@ -453,7 +433,7 @@ def save_text_style(out_dir, result: TextStyleResult, models: Optional[TextStyle
         tmp = Path(tmp)
         for entry in report["images"]:
             samples = result.reference if entry["scheme"] == "none" else result.guided
-            _save_png(tmp / entry["file"], samples.images[result.settings.seeds.index(entry["seed"])])
+            save_png(tmp / entry["file"], samples.images[result.settings.seeds.index(entry["seed"])])
         _save_grid(tmp / "grid.png", result, style)
         (tmp / "metrics.json").write_text(json.dumps(report, indent=2, allow_nan=False))
     return report

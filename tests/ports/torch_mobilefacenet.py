@@ -1,0 +1,78 @@
+"""PyTorch reference of cunjian/pytorch_face_landmark's ``MobileFaceNet([112, 112], 136)`` (GDC head),
+as FreeDoM's Face-GD/functions/landmark uses it (written from its layer list; module names give the
+state-dict keys of ``mobilefacenet_model_best.pth.tar``). NCHW input in [0, 1]; returns
+``(landmarks, conv_features)`` like the original."""
+from torch import nn
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, in_c, out_c, kernel=1, stride=1, padding=0, groups=1, prelu=True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_c, out_c, kernel, stride, padding, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_c)
+        if prelu:
+            self.prelu = nn.PReLU(out_c)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        return self.prelu(x) if hasattr(self, "prelu") else x
+
+
+class DepthWise(nn.Module):
+    def __init__(self, in_c, out_c, groups, stride=2, residual=False):
+        super().__init__()
+        self.conv = ConvBlock(in_c, groups)
+        self.conv_dw = ConvBlock(groups, groups, 3, stride, 1, groups=groups)
+        self.project = ConvBlock(groups, out_c, prelu=False)
+        self.residual = residual
+
+    def forward(self, x):
+        y = self.project(self.conv_dw(self.conv(x)))
+        return x + y if self.residual else y
+
+
+class Residual(nn.Module):
+    def __init__(self, c, num_block, groups):
+        super().__init__()
+        self.model = nn.Sequential(*[DepthWise(c, c, groups, stride=1, residual=True) for _ in range(num_block)])
+
+    def forward(self, x):
+        return self.model(x)
+
+
+class GDC(nn.Module):
+    def __init__(self, channels, kernel, num_outputs):
+        super().__init__()
+        self.conv_6_dw = ConvBlock(channels, channels, kernel, groups=channels, prelu=False)
+        self.conv_6_flatten = nn.Flatten()
+        self.linear = nn.Linear(channels, num_outputs, bias=False)
+        self.bn = nn.BatchNorm1d(num_outputs)
+
+    def forward(self, x):
+        return self.bn(self.linear(self.conv_6_flatten(self.conv_6_dw(x))))
+
+
+class TorchMobileFaceNet(nn.Module):
+    def __init__(self, input_size=112, widths=(64, 128, 512), expansions=(128, 128, 256, 256, 512, 256),
+                 residual_units=(4, 6, 2), num_outputs=136):
+        super().__init__()
+        stem, middle, top = widths
+        e23, e3, e34, e4, e45, e5 = expansions
+        n3, n4, n5 = residual_units
+        self.conv1 = ConvBlock(3, stem, 3, 2, 1)
+        self.conv2_dw = ConvBlock(stem, stem, 3, 1, 1, groups=stem)
+        self.conv_23 = DepthWise(stem, stem, e23)
+        self.conv_3 = Residual(stem, n3, e3)
+        self.conv_34 = DepthWise(stem, middle, e34)
+        self.conv_4 = Residual(middle, n4, e4)
+        self.conv_45 = DepthWise(middle, middle, e45)
+        self.conv_5 = Residual(middle, n5, e5)
+        self.conv_6_sep = ConvBlock(middle, top)
+        self.output_layer = GDC(top, input_size // 16, num_outputs)
+
+    def forward(self, x):
+        for layer in (self.conv1, self.conv2_dw, self.conv_23, self.conv_3, self.conv_34, self.conv_4, self.conv_45,
+                      self.conv_5):
+            x = layer(x)
+        features = self.conv_6_sep(x)
+        return self.output_layer(features), features

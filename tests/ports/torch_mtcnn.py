@@ -1,0 +1,41 @@
+"""PyTorch reference of facenet-pytorch's MTCNN ONet (written from its layer list; state-dict keys are
+those of facenet_pytorch/data/onet.pt). NCHW input, already cropped to 48x48 and normalised."""
+import torch
+from torch import nn
+
+
+class TorchONet(nn.Module):
+    def __init__(self, widths=(32, 64, 64, 128), hidden=256, feature_size=3):
+        super().__init__()
+        c1, c2, c3, c4 = widths
+        self.conv1, self.prelu1 = nn.Conv2d(3, c1, 3), nn.PReLU(c1)
+        self.conv2, self.prelu2 = nn.Conv2d(c1, c2, 3), nn.PReLU(c2)
+        self.conv3, self.prelu3 = nn.Conv2d(c2, c3, 3), nn.PReLU(c3)
+        self.conv4, self.prelu4 = nn.Conv2d(c3, c4, 2), nn.PReLU(c4)
+        self.dense5, self.prelu5 = nn.Linear(c4 * feature_size ** 2, hidden), nn.PReLU(hidden)
+        self.dense6_1 = nn.Linear(hidden, 2)
+        self.dense6_2 = nn.Linear(hidden, 4)
+        self.dense6_3 = nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(self.prelu1(self.conv1(x)), 3, 2, ceil_mode=True)
+        x = nn.functional.max_pool2d(self.prelu2(self.conv2(x)), 3, 2, ceil_mode=True)
+        x = nn.functional.max_pool2d(self.prelu3(self.conv3(x)), 2, 2, ceil_mode=True)
+        x = self.prelu4(self.conv4(x))
+        x = x.permute(0, 3, 2, 1).contiguous().flatten(1)
+        x = self.prelu5(self.dense5(x))
+        return {"prob": torch.softmax(self.dense6_1(x), dim=1), "box": self.dense6_2(x),
+                "landmarks": self.dense6_3(x)}
+
+
+def randomize_(module, seed=0):
+    """Random weights of a realistic scale (PReLU slopes in [0, 0.5]) so parity is not trivially 0."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.startswith("prelu"):
+                p.copy_(0.5 * torch.rand(p.shape, generator=gen))
+            else:
+                fan_in = p[0].numel() if p.ndim > 1 else 1
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5 * (1.0 if p.ndim > 1 else 0.1))
+    return module
