@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/zmagic demo --out $(OUT)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 bench: $(STAMP)
 	$(BIN)/python experiments/bench_schemes.py --out experiments/results/bench_schemes.json

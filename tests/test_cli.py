@@ -6,7 +6,7 @@ import pytest
 from zmagic_jax import cli
 from zmagic_jax.tasks import _testbed_demo
 
-ARGS = ["--dims", "2", "--samples", "32", "--steps", "10"]
+ARGS = ["--dims", "2", "--samples", "32", "--steps", "10", "--no-digits"]  # digits: tests/tasks/test_digits.py
 FIGURES = {"cosines.png", "energy_curves_d2.png", "samples_d2.png", "landscape_d2.png"}
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -26,24 +28,108 @@ def _table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _testbed_process(out, settings, queue) -> None:
+    """The testbed half of the demo in a child process: progress labels and the report (or the
+    error) go back through ``queue``. SIGTERM raises KeyboardInterrupt, so the atomic output folder
+    is cleaned up when the parent stops early."""
+    import signal
+
+    from zmagic_jax.tasks import run_testbed_demo
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        queue.put(("done", run_testbed_demo(out, settings, lambda label: queue.put(("progress", label)))))
+    except BaseException as err:  # reported to the parent, which raises it
+        queue.put(("error", f"{type(err).__name__}: {err}"))
+
+
+def _testbed_and_digits(out, settings, digits, digit_settings, progress):
+    """Run the testbed in a child process while this process compiles and runs the digits (their
+    Python tracing and the testbed's would otherwise share one interpreter lock), then write the
+    digits into ``out/digits`` once the testbed has written ``out``."""
+    import multiprocessing
+
+    from zmagic_jax.tasks._digits import run_digits, save_digits
+
+    context = multiprocessing.get_context("spawn")  # JAX's threads do not survive fork
+    queue = context.Queue()
+    child = context.Process(target=_testbed_process, args=(out, settings, queue), daemon=True)
+    child.start()
+    outcome = {}
+
+    def listen():
+        while True:
+            kind, value = queue.get()
+            if kind == "progress":
+                progress(value)
+            else:
+                outcome[kind] = value
+                return
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    try:
+        result = run_digits(digits, digit_settings, progress=progress)
+        while listener.is_alive():
+            listener.join(timeout=1.0)
+            if listener.is_alive() and not child.is_alive():
+                listener.join(timeout=5.0)
+                if listener.is_alive():
+                    raise RuntimeError(f"the testbed process exited with code {child.exitcode} without a report")
+        if "error" in outcome:
+            raise RuntimeError(f"the testbed part of the demo failed: {outcome['error']}")
+        child.join()
+        return outcome["done"], save_digits(Path(out) / "digits", result, digits)
+    finally:
+        if child.is_alive():
+            child.terminate()
+            child.join(timeout=30)
+
+
 def _demo(args) -> int:
     from zmagic_jax.tasks import DemoSettings, run_testbed_demo
 
     settings = DemoSettings(seed=args.seed, dims=tuple(args.dims), num_samples=args.samples,
                             num_steps=args.steps, sampler=args.sampler, guidance_scale=args.scale)
-    total = len(settings.dims) * 7
+    digits = None
+    if not args.no_digits:
+        from zmagic_jax.models._digits import load_digit_models
+        from zmagic_jax.tasks._digits import DEFAULT_RUNS, DigitSettings
+
+        if args.digit_seeds < 2:
+            raise ValueError(f"--digit-seeds must be >= 2 (scores report mean and std); got {args.digit_seeds}.")
+        if not 0 <= args.digit_class <= 9:
+            raise ValueError(f"--digit-class must be a digit 0..9; got {args.digit_class}.")
+        digit_settings = DigitSettings(target_class=args.digit_class, seeds=tuple(range(args.digit_seeds)))
+        digits = load_digit_models()  # checksums first: a damaged weight file stops the demo before any work
+    total = len(settings.dims) * 7 + (0 if digits is None else len(DEFAULT_RUNS))
     with tqdm(total=total, desc="zmagic demo", unit="run", file=sys.stderr) as bar:
+        lock = threading.Lock()
+
         def progress(label):
-            if bar.n or bar.desc != "zmagic demo":
-                bar.update(1)
-            bar.set_description(label)
-        report = run_testbed_demo(args.out, settings, progress)
-        bar.update(1)
+            with lock:
+                if bar.n or bar.desc != "zmagic demo":
+                    bar.update(1)
+                bar.set_description(label)
+        if digits is None:
+            report = run_testbed_demo(args.out, settings, progress)
+        else:
+            report, digit_report = _testbed_and_digits(args.out, settings, digits, digit_settings, progress)
+        with lock:
+            bar.update(1)
     print(f"\nExact testbed ({settings.sampler}, {settings.num_steps} steps, {settings.num_samples} samples, "
           f"seed {settings.seed}). E = final energy (mean), ED / SW = energy distance / sliced W2 to exact "
           "posterior samples, cos = mean guided-step cosine.")
     print(_table(report))
-    print(f"\nwrote {args.out}/report.json and figures")
+    if digits is not None:
+        from zmagic_jax.tasks._digits import digit_table
+
+        print(f"\nDigits (the embedded 16x16 MNIST DDPM, {digit_settings.num_steps} {digit_settings.sampler} steps, "
+              f"target class {digit_settings.target_class}, {len(digit_settings.seeds)} seeds; scores by the "
+              "evaluator network, never used for guidance; mean±std over seeds).")
+        print(digit_table(digit_report))
+    print(f"\nwrote {args.out}/report.json and figures" + ("" if digits is None else f", {args.out}/digits/"))
     return 0
 
 
@@ -172,7 +258,7 @@ def _add_text_style(sub) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="zmagic", description="Zero-shot multi-attribute guided diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run every guidance scheme on the exact Gaussian-mixture testbed")
+    demo = sub.add_parser("demo", help="every guidance scheme on the exact Gaussian-mixture testbed and on the embedded digits model")
     demo.add_argument("--out", default="out/demo", help="output folder (replaced atomically at the end)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--dims", type=int, nargs="+", default=[2, 64], help="testbed dimensions (>= 2)")
@@ -181,6 +267,10 @@ def main(argv=None) -> int:
     demo.add_argument("--sampler", default="ddpm_posterior",
                       help="ddpm_ancestral, ddpm_posterior, ddim, eta_mixing or pc")
     demo.add_argument("--scale", type=float, default=1.0, help="guidance scale of the score rule")
+    demo.add_argument("--no-digits", action="store_true",
+                      help="skip the image part (the embedded digits model; written to OUT/digits/)")
+    demo.add_argument("--digit-class", type=int, default=3, help="target class of the digits runs (0-9)")
+    demo.add_argument("--digit-seeds", type=int, default=6, help="images per digits run (seeds 0..N-1)")
     _add_text_style(sub)
     add_face(sub)
     add_convert(sub)

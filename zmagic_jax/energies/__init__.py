@@ -38,3 +38,13 @@ from zmagic_jax.energies._face import (
     parsing_logits,
     parsing_mse,
 )
+from zmagic_jax.energies._digits import (
+    class_energy,
+    class_probability,
+    gram_features,
+    ink_fraction,
+    ink_iou,
+    layout_energy,
+    style_distance,
+    style_energy,
+)

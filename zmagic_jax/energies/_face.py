@@ -17,34 +17,24 @@ program arguments). The matching metrics (:func:`parsing_mse`, :func:`identity_d
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax.numpy as jnp
 
-from zmagic_jax.energies._image import safe_norm
+from zmagic_jax.energies._image import check_one_image, safe_norm
 from zmagic_jax.models._arcface import arcface_preprocess
 from zmagic_jax.models._bisenet import bisenet_preprocess
 from zmagic_jax.models._mobilefacenet import landmark_preprocess
 from zmagic_jax.models._mtcnn import onet_landmarks, onet_preprocess
+from zmagic_jax.models._layers import Net
 from zmagic_jax.models._resize import check_box
-
-
-class Net(NamedTuple):
-    """A ported network: its Flax ``module`` and ``params`` (as the ``load_*`` functions return them)."""
-
-    module: Any
-    params: Any
 
 
 LANDMARK_NETS = ("mobilefacenet", "onet")
 
 
 def _check_image(image, who: str):
-    image = jnp.asarray(image)
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"{who}: image must be one (H, W, 3) array in [-1, 1] (vmap for batches); "
-                         f"got shape {image.shape}.")
-    return image
+    return check_one_image(image, who, 3)
 
 
 def parsing_logits(parser: Net, image, size: int = 512):

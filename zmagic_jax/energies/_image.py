@@ -26,3 +26,12 @@ def safe_norm(x):
     squared = jnp.sum(jnp.square(x))
     positive = squared > 0
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+
+
+def check_one_image(image, who: str, channels: int):
+    """``image`` as an array, or a ValueError naming ``who`` unless it is ONE ``(H, W, channels)`` image."""
+    image = jnp.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != channels:
+        raise ValueError(f"{who}: image must be one (H, W, {channels}) array in [-1, 1] (vmap for batches); "
+                         f"got shape {image.shape}.")
+    return image

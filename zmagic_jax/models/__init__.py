@@ -30,3 +30,12 @@ from zmagic_jax.models._ddpm_unet import DDPM_CELEBA_HQ, DDPMUNet, DDPMUNetConfi
 from zmagic_jax.models._mobilefacenet import MobileFaceNet, MobileFaceNetConfig, landmark_preprocess
 from zmagic_jax.models._mtcnn import ONet, ONetConfig, onet_landmarks, onet_preprocess
 from zmagic_jax.models._resize import adaptive_avg_pool_torch, check_box, resize_bicubic_torch
+from zmagic_jax.models._digits import (
+    AssetChecksumError,
+    DigitClassifier,
+    DigitClassifierConfig,
+    DigitModels,
+    DigitSegmenter,
+    DigitSegmenterConfig,
+    load_digit_models,
+)

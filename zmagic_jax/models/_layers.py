@@ -1,6 +1,8 @@
 """Small layers the ported networks share."""
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -24,3 +26,10 @@ class PReLU(nn.Module):
     def __call__(self, x):
         alpha = self.param("alpha", nn.initializers.constant(0.25), (x.shape[-1],), jnp.float32)
         return jnp.where(x >= 0, x, alpha.astype(x.dtype) * x)
+
+
+class Net(NamedTuple):
+    """A network: its Flax ``module`` and ``params`` (as the ``load_*`` functions return them)."""
+
+    module: Any
+    params: Any

@@ -41,3 +41,18 @@ from zmagic_jax.tasks._face import (
     sample_faces,
     save_faces,
 )
+from zmagic_jax.tasks._digits import (
+    DEFAULT_RUNS,
+    DIGIT_CONDITIONS,
+    DIGIT_SCHEMES,
+    DigitResult,
+    DigitSamples,
+    DigitSettings,
+    compile_digits,
+    digit_report,
+    digit_scores,
+    digit_table,
+    run_digits,
+    sample_digits,
+    save_digits,
+)

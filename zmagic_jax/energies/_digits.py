@@ -1,0 +1,95 @@
+"""Energies and evaluator scores of the embedded digits task (``zmagic_jax.models._digits``).
+
+Every function takes ONE image ``x0 (H, W, 1)`` in ``[-1, 1]`` (vmap for batches); targets may be
+traced, so one compiled program serves every target.
+
+Guidance energies (networks trained by the project, ``experiments/train_digits.py``):
+
+* class: ``-log p(label | x0)`` of the guidance classifier;
+* layout: mean binary cross-entropy between the segmenter's ink logits and a target ink mask
+  ``(H, W)`` in ``{0, 1}`` (where the digit's strokes should be);
+* style: ``sum_s |G_s(x0) - G_s(ref)|_F`` over the feature net's stages, ``G = F^T F / (h w)`` of
+  the stage's ``(h w, c)`` activations (a Gram / texture statistic: stroke width and contrast,
+  not where the strokes are).
+
+Scores (never used for guidance): :func:`class_probability` and :func:`style_distance` with the
+evaluator network, :func:`ink_iou` and :func:`ink_fraction` directly on pixels.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from zmagic_jax.energies._image import check_one_image, gram_matrix, safe_norm
+from zmagic_jax.models._digits import classifier_output, ink_logits
+from zmagic_jax.models._layers import Net
+
+
+def _check_one(x0, who: str):
+    return check_one_image(x0, who, 1)
+
+
+def class_energy(net: Net, label):
+    """``x0 -> -log p(label | x0)`` under the classifier ``net`` (``label`` an int, may be traced)."""
+    def energy(x0):
+        logits = classifier_output(net, _check_one(x0, "class_energy")).logits
+        return -jax.nn.log_softmax(logits)[label]
+    return energy
+
+
+def layout_energy(net: Net, mask):
+    """``x0 -> mean BCE(ink_logits(x0), mask)``: ``mask (H, W)`` in ``{0, 1}`` marks where ink should be."""
+    mask = jnp.asarray(mask, jnp.float32)
+    if mask.ndim != 2:
+        raise ValueError(f"layout_energy: mask must be (H, W) in {{0, 1}}; got shape {mask.shape}.")
+
+    def energy(x0):
+        logits = ink_logits(net, _check_one(x0, "layout_energy"))
+        if logits.shape != mask.shape:
+            raise ValueError(f"layout_energy: mask shape {mask.shape} does not match the image {logits.shape}.")
+        # log(1 + e^z) - m z, the numerically stable sigmoid cross-entropy
+        return jnp.mean(jax.nn.softplus(logits) - mask * logits)
+    return energy
+
+
+def gram_features(net: Net, x0, stages=None) -> tuple:
+    """Per stage of a digits classifier (all, or the indices ``stages``), the normalised Gram
+    matrix ``F^T F / (h w)`` ``(c, c)``."""
+    outputs = classifier_output(net, _check_one(x0, "gram_features")).stages
+    chosen = range(len(outputs)) if stages is None else stages
+    return tuple(gram_matrix(outputs[i].reshape(-1, outputs[i].shape[-1])) / (outputs[i].shape[0] * outputs[i].shape[1])
+                 for i in chosen)
+
+
+def style_energy(net: Net, reference, stages=None):
+    """``x0 -> sum_s |G_s(x0) - G_s(reference)|_F`` with ``net``'s stage Gram matrices (all stages,
+    or the indices ``stages``)."""
+    target = gram_features(net, reference, stages)
+
+    def energy(x0):
+        return sum(safe_norm(g - r) for g, r in zip(gram_features(net, x0, stages), target))
+    return energy
+
+
+def style_distance(net: Net, x0, reference):
+    """The style score: the Gram distance of the FIRST stage (local stroke texture, not the digit's
+    shape) measured with another network (the evaluator)."""
+    return style_energy(net, reference, stages=(0,))(x0)
+
+
+def ink_fraction(x0, threshold: float = 0.0):
+    """Fraction of pixels with ink (``x0 > threshold``): stroke weight, a pixel-level style score."""
+    return jnp.mean(_check_one(x0, "ink_fraction")[..., 0] > threshold)
+
+
+def class_probability(net: Net, x0):
+    """Softmax probabilities ``(classes,)`` of the classifier ``net`` for one image."""
+    return jax.nn.softmax(classifier_output(net, _check_one(x0, "class_probability")).logits)
+
+
+def ink_iou(x0, mask, threshold: float = 0.0):
+    """Intersection over union of the ink ``x0 > threshold`` with the target mask (pixels only, no network)."""
+    ink = _check_one(x0, "ink_iou")[..., 0] > threshold
+    target = jnp.asarray(mask) > 0.5
+    union = jnp.sum(ink | target)
+    return jnp.where(union > 0, jnp.sum(ink & target) / jnp.maximum(union, 1), 1.0)
