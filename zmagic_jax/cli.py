@@ -258,7 +258,8 @@ def _add_text_style(sub) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="zmagic", description="Zero-shot multi-attribute guided diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="every guidance scheme on the exact Gaussian-mixture testbed and on the embedded digits model")
+    demo = sub.add_parser("demo", help="every guidance scheme on the exact Gaussian-mixture testbed and on the "
+                                       "embedded digits model")
     demo.add_argument("--out", default="out/demo", help="output folder (replaced atomically at the end)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--dims", type=int, nargs="+", default=[2, 64], help="testbed dimensions (>= 2)")

@@ -12,9 +12,9 @@ landmarks); ``class`` and ``style`` hardly interact (weakly dependent, as hair a
 
 Runs are ``(scheme, conditions)`` pairs: ``none``, ``independent`` (FreeDoM), ``dependent``
 (Z-Magic Algorithm 1, the first condition leads) and ``multi`` (Algorithm 2, CAGrad over both
-orders); ``none`` and ``independent`` also take a single condition. Every run of a scheme shares ONE compiled program: which energies fill the
-two condition slots, and with what scale, is a traced weight matrix, so both orders and both pairs
-reuse it. Scores come from the evaluator (another architecture and seed, never used for guidance)
+orders); ``none`` and ``independent`` also take a single condition. Every run of a scheme
+shares ONE compiled program: which energies fill the two condition slots, and with what scale, is
+a traced weight matrix, so both orders and both pairs reuse it. Scores come from the evaluator (another architecture and seed, never used for guidance)
 and from the pixels (ink IoU); sample quality is a Frechet distance in the evaluator's
 penultimate features against the held-out real digits.
 """
@@ -325,14 +325,17 @@ def _reference_sets(models: DigitModels, label: int) -> dict:
     return {"all": features, "class": features[models.heldout_labels == label]}
 
 
-def real_frechet_floor(models: DigitModels, count: int, label: int, draws: int = 20, seed: int = 0) -> dict:
+def real_frechet_floor(models: DigitModels, count: int, label: int, draws: int = 20, seed: int = 0,
+                       references: Optional[dict] = None) -> dict:
     """Per reference set (``all`` held-out digits, or those of ``label``): the Frechet distance of
     ``count`` held-out real digits to the rest of the set, ``(mean, std)`` over ``draws`` random
     splits. It is what a perfect sampler scores at this sample size: small sets are biased upward,
-    so compare runs with this floor, not with zero."""
+    so compare runs with this floor, not with zero. ``references``: the sets of
+    :func:`_reference_sets` when already computed."""
     rng = np.random.default_rng(seed)
     floors = {}
-    for name, features in _reference_sets(models, label).items():
+    references = _reference_sets(models, label) if references is None else references
+    for name, features in references.items():
         values = []
         for _ in range(draws):
             order = rng.permutation(features.shape[0])
@@ -375,7 +378,8 @@ def run_digits(models: DigitModels, settings: DigitSettings = DigitSettings(),
         features = scores[label].pop("features")
         frechet[label] = {name: frechet_distance(features, ref) for name, ref in references.items()}
     return DigitResult(settings, digit_targets(models, settings), samples, scores, frechet,
-                       real_frechet_floor(models, len(settings.seeds), settings.target_class), compile_s)
+                       real_frechet_floor(models, len(settings.seeds), settings.target_class,
+                                          references=references), compile_s)
 
 
 def _mean_guided_cosine(trace) -> Optional[float]:
