@@ -12,8 +12,13 @@ Sections of the JSON report:
 * ``parts``: the UNet forward; per energy, the energy's own gradient w.r.t. ``x0`` and the
   guidance gradient ``grad_{x_t} E(x0|t(x_t))`` through the UNet (what every guided step pays per
   condition); ratios to the UNet forward.
-* ``steps``: one ``zm.guided_kernel`` step of the Table 4 task (identity + landmarks) with
+* ``steps``: one ``zm.step`` of the Table 4 task (identity + landmarks) with
   none / independent / dependent / multi, and ratios to independent.
+
+Every jitted function takes the weights and references as arguments (the ``zm.Denoiser``, the
+``zm.Energy`` objects, the scheme), as the library's own programs do, so nothing is baked in as
+a constant: the memory analysis counts the weights as arguments, and compile times are those of
+programs that serve any weights of the same architectures.
 
 Times are medians of ``time.perf_counter`` around ``jax.block_until_ready`` after a warm-up call,
 functions of a section timed round-robin (``bench_schemes.time_round_robin``); compile times and
@@ -38,9 +43,10 @@ import zmagic_jax as zm  # noqa: E402
 from bench_schemes import compile_step, machine_info, run_sections, time_round_robin, write_report  # noqa: E402
 from tiny_models import random_params, tiny_face_configs  # noqa: E402
 from zmagic_jax.energies import Net, face_id_energy, face_parsing_energy, landmark_energy  # noqa: E402
-from zmagic_jax.models import ddpm_eps_fn  # noqa: E402
+from zmagic_jax.models import ddpm_denoiser  # noqa: E402
 from zmagic_jax.ports import PORTS, load_onet  # noqa: E402
 from zmagic_jax.schedules import x0_from_eps  # noqa: E402
+from zmagic_jax.tasks._recipe import scheme_by_name  # noqa: E402
 
 STEP = 50  # of 100: t = 500
 
@@ -61,9 +67,7 @@ def networks(quick: bool) -> dict:
 
 
 def context():
-    schedule = zm.linear_schedule(1000, 1e-4, 0.02)
-    contexts = zm.step_contexts(schedule, zm.timestep_grid(1000, 100))
-    return jax.tree_util.tree_map(lambda a: a[STEP], contexts)
+    return zm.step_context(zm.linear_schedule(1000, 1e-4, 0.02), zm.timestep_grid(1000, 100), STEP)
 
 
 def energies(nets: dict, reference, parse_size: int) -> dict:
@@ -85,13 +89,33 @@ def timed(calls: dict, repeats: int) -> dict:
     return report
 
 
+def unet_denoiser(nets):
+    return ddpm_denoiser(nets["ddpm_unet"].module, nets["ddpm_unet"].params)
+
+
+def _unet_forward(denoiser, ctx, x):
+    return denoiser(x, ctx.t)
+
+
+def _energy_gradient(energy, x0):
+    return jax.grad(energy)(x0)
+
+
+def _guidance_gradient(denoiser, energy, ctx, x):
+    """``grad_{x_t} E(x0|t(x_t))``: the energy at Tweedie's estimate, through the UNet."""
+    return jax.grad(lambda x: energy(x0_from_eps(x, denoiser(x, ctx.t), ctx.alpha_bar)))(x)
+
+
+def _step(denoiser, scheme, sampler, key, x, ctx):
+    return zm.step(key, x, ctx, denoiser=denoiser, scheme=scheme, sampler=sampler)[0]
+
+
 def parts_section(nets, x, ctx, reference, parse_size, repeats) -> dict:
-    eps_fn = ddpm_eps_fn(nets["ddpm_unet"].module, nets["ddpm_unet"].params)
-    x0 = lambda x: x0_from_eps(x, eps_fn(x, ctx.t), ctx.alpha_bar)
-    calls = {"unet_forward": (lambda x: eps_fn(x, ctx.t), (x,))}
+    unet = unet_denoiser(nets)
+    calls = {"unet_forward": (_unet_forward, (unet, ctx, x))}
     for name, energy in energies(nets, reference, parse_size).items():
-        calls[f"{name}/grad_x0"] = (jax.grad(energy), (reference * 0.9,))
-        calls[f"{name}/grad_xt_through_unet"] = (jax.grad(lambda x, e=energy: e(x0(x))), (x,))
+        calls[f"{name}/grad_x0"] = (_energy_gradient, (energy, reference * 0.9))
+        calls[f"{name}/grad_xt_through_unet"] = (_guidance_gradient, (unet, energy, ctx, x))
     report = timed(calls, repeats)
     unit = report["unet_forward"]["seconds_median"]
     report["ratios_to_unet_forward"] = {name: report[name]["seconds_median"] / unit for name in calls}
@@ -99,7 +123,7 @@ def parts_section(nets, x, ctx, reference, parse_size, repeats) -> dict:
 
 
 def steps_section(nets, x, ctx, reference, parse_size, repeats) -> dict:
-    eps_fn = ddpm_eps_fn(nets["ddpm_unet"].module, nets["ddpm_unet"].params)
+    unet = unet_denoiser(nets)
     found = energies(nets, reference, parse_size)
     conditions = (zm.condition("identity", found["identity"], zm.freedom_rule(100.0, stop=100)),
                   zm.condition("landmarks", found["landmarks_mobilefacenet"], zm.freedom_rule(500.0, stop=200)))
@@ -107,8 +131,7 @@ def steps_section(nets, x, ctx, reference, parse_size, repeats) -> dict:
     key = jax.random.PRNGKey(0)
     calls = {}
     for name in ("none", "independent", "dependent", "multi"):
-        kernel = zm.guided_kernel(eps_fn, sampler, zm.scheme_by_name(name, conditions))
-        calls[name] = (lambda key, x, kernel=kernel: kernel(key, x, ctx)[0], (key, x))
+        calls[name] = (_step, (unet, scheme_by_name(name, conditions), sampler, key, x, ctx))
     report = timed(calls, repeats)
     base = report["independent"]["seconds_median"]
     report["ratios_to_independent"] = {name: report[name]["seconds_median"] / base for name in calls}

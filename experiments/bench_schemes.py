@@ -6,15 +6,20 @@ Sections of the JSON report:
 
 * ``testbed_build``: seconds of ``make_testbed`` at small dimensions (why section 1 does not
   call it at d = 4096).
-* ``testbed``: one jitted guided step (``zm.guided_kernel`` vmapped over a small batch, at a
+* ``testbed``: one jitted guided step (``zm.step`` vmapped over a small batch, at a
   mid-grid step where every condition is active) on the exact Gaussian-mixture testbed at
   d = 4096, for none / independent / dependent / multi; the shares of multi's step spent in its
   pair terms (``zm.dependent_terms``) and in its CAGrad solve; a probe of the two batched
   contractions of the mixture denoiser, which XLA:CPU runs at very different speeds.
 * ``conv``: the same on a small random-init convolutional UNet with three image energies.
 * ``compile_vs_steps``: first call of ``zm.sample`` (trace + compile + run) minus a second call
-  (run only), for grids of 10, 100 and 1000 steps; the scan should keep it flat.
+  (run only), for grids of 10, 100 and 1000 steps; the scan should keep it flat. The weights (the
+  mixture) are arguments of the program, as in every library call.
 * Memory: ``memory_analysis()`` of every compiled function, next to its timing.
+
+Every jitted function takes the weights (mixture, UNet and energy parameters) as arguments and
+builds its ``zm.Denoiser`` and conditions from them, so nothing is baked into a program as a
+constant and the memory analysis counts each array once, as an argument.
 
 Times are ``time.perf_counter`` around ``jax.block_until_ready``, after a warm-up call. The
 functions of a section are timed round-robin (one call of each per round), so load from other
@@ -44,13 +49,14 @@ import numpy as np
 
 import zmagic_jax as zm
 from zmagic_jax._io import atomic_write_bytes
-from zmagic_jax.models import GaussianMixture, mixture_eps_fn
+from zmagic_jax.models import GaussianMixture, mixture_denoiser
 from zmagic_jax.tasks import LinearMeasurement, class_condition, make_testbed, measurement_condition
+from zmagic_jax.tasks._recipe import sampler_by_name, scheme_by_name
 
 SCHEDULE = zm.linear_schedule()
 GRID = zm.timestep_grid(SCHEDULE.num_train_steps, 100)
 MID_STEP = 50  # t = 490 on the 100-step grid; score_rule() has no window, so all conditions act
-SAMPLER = zm.sampler_by_name("ddpm_posterior")
+SAMPLER = sampler_by_name("ddpm_posterior")
 MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
                  "temp_size_in_bytes", "generated_code_size_in_bytes", "peak_memory_in_bytes")
 
@@ -88,14 +94,15 @@ QUICK = Config(dim=512, batch=4, repeats=3, compile_repeats=1, grids=(10, 100), 
 
 
 class Problem(NamedTuple):
-    """A denoiser and its conditions as functions of explicit parameters.
+    """A denoiser and its conditions built from explicit parameters.
 
     The parameters are arguments of every jitted step (as a trained network's weights would
-    be), so the large testbed matrices are not baked into the programs as constants.
+    be), so the large testbed matrices are not baked into the programs as constants; the
+    mixture, which the denoiser and the class energy share, is one argument.
     """
     params: object
     x: jnp.ndarray            # (batch, *sample_shape) points at the mid-grid noise level
-    eps_fn: Callable          # params -> eps_fn(x, t) for one sample
+    denoiser: Callable        # params -> zm.Denoiser
     conditions: Callable      # params -> tuple of zm.Condition
     description: dict
 
@@ -173,7 +180,7 @@ def testbed_problem(key, dim, batch, ctx, num_components=4):
         gmm, measurements = params
         conds = [class_condition(gmm, 0, "class")]
         conds += [measurement_condition(gmm, m, f"measurement_{i + 1}") for i, m in enumerate(measurements)]
-        return tuple(zm.condition(c.name, c.energy, rule) for c in conds)
+        return tuple(c.condition(rule) for c in conds)
 
     width = math.ceil(5 * dim / 8)
     description = {
@@ -186,7 +193,7 @@ def testbed_problem(key, dim, batch, ctx, num_components=4):
                 "of two random orthogonal factors instead of one d x d QR, and the exact posterior is not "
                 "built (see testbed_build for make_testbed's own cost). Step cost depends on shapes, not values.",
     }
-    return Problem(params, x, lambda params: mixture_eps_fn(params[0], SCHEDULE.alphas_cumprod),
+    return Problem(params, x, lambda params: mixture_denoiser(params[0], SCHEDULE.alphas_cumprod),
                    conditions, description)
 
 
@@ -267,32 +274,44 @@ def _column_windows(size):
     return slice(0, 2 * size // 3), slice(size // 3, size)
 
 
+def _unet_eps(params, x, t):
+    return UNET.apply(params, x[None], t[None])[0]
+
+
+def _features_energy(e, x0):
+    left, _ = _column_windows(x0.shape[1])
+    return jnp.mean((_conv(x0[:, left], e["feature_kernel"]) - e["feature_target"]) ** 2)
+
+
+def _gram_energy(e, x0):
+    _, right = _column_windows(x0.shape[1])
+    return jnp.sum((_gram(_conv(x0[:, right], e["gram_kernel"])) - e["gram_target"]) ** 2)
+
+
+def _label_energy(e, x0):
+    return -jax.nn.log_softmax(x0.reshape(-1) @ e["classifier"])[3]
+
+
 def conv_problem(key, size, batch, ctx):
     """A random-init :class:`TinyUNet` on ``size x size x 3`` images and three image energies
     on overlapping pixels: feature-map MSE of a fixed random conv on the left two thirds of the
     columns, a Gram-matrix loss of a second fixed random conv on the right two thirds, and the
     cross-entropy of a linear 10-class classifier on the whole image."""
     params, x = _conv_arrays(key, size, batch, ctx.alpha_bar)
-    left, right = _column_windows(size)
     rule = zm.score_rule()
 
     def conditions(params):
         e = params["energies"]
-        features = lambda x0: jnp.mean((_conv(x0[:, left], e["feature_kernel"]) - e["feature_target"]) ** 2)
-        gram = lambda x0: jnp.sum((_gram(_conv(x0[:, right], e["gram_kernel"])) - e["gram_target"]) ** 2)
-        label = lambda x0: -jax.nn.log_softmax(x0.reshape(-1) @ e["classifier"])[3]
-        return (zm.condition("features_left", features, rule), zm.condition("gram_right", gram, rule),
-                zm.condition("classifier", label, rule))
-
-    def eps_fn(params):
-        return lambda x, t: UNET.apply(params["unet"], x[None], t[None])[0]
+        return (zm.condition("features_left", _features_energy, rule, e),
+                zm.condition("gram_right", _gram_energy, rule, e),
+                zm.condition("classifier", _label_energy, rule, e))
 
     num_params = sum(p.size for p in jax.tree_util.tree_leaves(params["unet"]))
     description = {"image_shape": [size, size, 3], "unet_parameters": int(num_params),
                    "conditions": ["features_left: MSE of a random 3x3x3x8 conv map, columns [0, 2/3)",
                                   "gram_right: Gram-matrix loss of a second random conv, columns [1/3, 1)",
                                   "classifier: cross-entropy of a linear 10-class classifier, all pixels"]}
-    return Problem(params, x, eps_fn, conditions, description)
+    return Problem(params, x, lambda params: zm.Denoiser(_unet_eps, params["unet"]), conditions, description)
 
 
 def _gram(features):
@@ -343,12 +362,13 @@ def compile_step(fn, args):
 
 
 def guided_step(problem: Problem, scheme_name: str, n: int):
-    """``step(params, keys, x, ctx)``: one guided step of the batch, ``vmap`` of
-    ``zm.guided_kernel`` over samples with a shared step context."""
+    """``step(params, keys, x, ctx)``: one guided step of the batch, ``vmap`` of ``zm.step`` over
+    samples with a shared step context."""
     def step(params, keys, x, ctx):
-        scheme = zm.scheme_by_name(scheme_name, problem.conditions(params)[:n])
-        kernel = zm.guided_kernel(problem.eps_fn(params), SAMPLER, scheme)
-        return jax.vmap(kernel, in_axes=(0, 0, None))(keys, x, ctx)
+        scheme = scheme_by_name(scheme_name, problem.conditions(params)[:n])
+        denoiser = problem.denoiser(params)
+        return jax.vmap(lambda key, x: zm.step(key, x, ctx, denoiser=denoiser, scheme=scheme, sampler=SAMPLER))(
+            keys, x)
     return step
 
 
@@ -360,12 +380,12 @@ def pair_terms_step(problem: Problem, n: int):
 
     def step(params, keys, x, ctx):
         conds = problem.conditions(params)[:n]
-        eps_fn = problem.eps_fn(params)
-        ctx = ctx._replace(score_coef=jnp.asarray(SAMPLER.score_coef(ctx), x.dtype))
+        denoiser = problem.denoiser(params)
 
         def one(key, x):
             noise = SAMPLER.noise_std(ctx) * jax.random.normal(key, x.shape, x.dtype)
-            return zm.dependent_terms(conds, eps_fn, SAMPLER, x, ctx, noise, leaders, followers)
+            return zm.dependent_terms(x, ctx, noise, conditions=conds, denoiser=denoiser, sampler=SAMPLER,
+                                      leaders=leaders, followers=followers)
         return jax.vmap(one)(keys, x)
     return step
 
@@ -390,7 +410,7 @@ def scheme_section(problem: Problem, ctx, plan: tuple, split_counts: tuple, repe
     multi_counts = [n for name, n in plan if name == "multi"]
     cagrad_iters = {}
     for n in multi_counts:
-        scheme = zm.scheme_by_name("multi", problem.conditions(problem.params)[:n])
+        scheme = scheme_by_name("multi", problem.conditions(problem.params)[:n])
         cagrad_iters[f"cagrad_K{n * (n - 1)}"] = scheme.cagrad_iters if n > 2 else "closed form (K = 2)"
         tasks = jax.random.normal(jax.random.PRNGKey(3), (batch, n * (n - 1)) + problem.x.shape[1:])
         functions[f"cagrad_K{n * (n - 1)}"] = (cagrad_step(scheme), (tasks,))
@@ -450,11 +470,6 @@ def testbed_section(config: Config, ctx) -> dict:
     return report
 
 
-def _mid_context():
-    contexts = zm.step_contexts(SCHEDULE, GRID)
-    return jax.tree_util.tree_map(lambda a: a[MID_STEP], contexts)
-
-
 def testbed_build_times(dims: tuple) -> dict:
     """Seconds of ``make_testbed(PRNGKey(0), d, num_components=4)``, compile included (a user's
     first build at that size)."""
@@ -468,11 +483,14 @@ def testbed_build_times(dims: tuple) -> dict:
 
 def compile_vs_steps(grids: tuple, repeats: int, dim=16, batch=8) -> dict:
     """Compile seconds of ``zm.sample`` (dependent scheme, testbed at ``dim``) per grid length:
-    first call minus second call with the same arguments. Each repeat wraps the denoiser in a
-    new function, a new static argument, so the program is traced and compiled afresh."""
+    first call minus second call with the same arguments. The mixture is an argument of the
+    program (``mixture_denoiser``'s params, the class energy's params); each repeat gives the
+    denoiser a new ``apply`` (a ``functools.partial`` of the same function, which compares by
+    identity), a new static part, so the program is traced and compiled afresh while the weights
+    stay arguments."""
     bed = make_testbed(jax.random.PRNGKey(0), dim, num_components=4)
-    base_eps = mixture_eps_fn(bed.gmm, SCHEDULE.alphas_cumprod)
-    scheme = zm.dependent([zm.condition(c.name, c.energy, zm.score_rule()) for c in bed.conditions[:2]])
+    mixture = mixture_denoiser(bed.gmm, SCHEDULE.alphas_cumprod)
+    scheme = zm.dependent([c.condition(zm.score_rule()) for c in bed.conditions[:2]])
     x_T = jax.random.normal(jax.random.PRNGKey(4), (batch, dim))
     key = jax.random.PRNGKey(5)
     report = {}
@@ -482,11 +500,11 @@ def compile_vs_steps(grids: tuple, repeats: int, dim=16, batch=8) -> dict:
         with warnings.catch_warnings(record=True) as caught:  # dropped guidance: counted, not fatal
             warnings.simplefilter("always", RuntimeWarning)
             for _ in range(repeats):
-                eps_fn = lambda x, t: base_eps(x, t)  # noqa: E731 -- a fresh static argument
+                denoiser = zm.Denoiser(partial(mixture.apply), mixture.params)  # a fresh static part
                 for times in (first, second):
                     start = time.perf_counter()
-                    jax.block_until_ready(zm.sample(key, x_T, eps_fn, SCHEDULE, grid, scheme, SAMPLER,
-                                                    nan_policy="skip"))
+                    jax.block_until_ready(zm.sample(key, x_T, SCHEDULE, grid, denoiser=denoiser, scheme=scheme,
+                                                    sampler=SAMPLER, nan_policy="skip"))
                     times.append(time.perf_counter() - start)
         compile_s = [a - b for a, b in zip(first, second)]
         report[str(num_steps)] = {"compile_seconds_median": statistics.median(compile_s),
@@ -546,7 +564,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL
     start = time.perf_counter()
-    ctx = _mid_context()
+    ctx = zm.step_context(SCHEDULE, GRID, MID_STEP)
     report = {"machine": machine_info(), "mode": "quick" if args.quick else "full",
               "config": config._asdict(),
               "timing": "median of repeats after a warm-up; functions of a section timed round-robin",

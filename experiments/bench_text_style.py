@@ -11,8 +11,8 @@ and its CLIP text energy, each ``E(decode(x0))``, ``zm.freedom_rule``.
 
 Sections of the JSON report:
 
-* ``steps``: one jitted ``zm.guided_kernel`` call per scheme (none / independent / dependent /
-  multi, and independent with ``remat``) next to the PyTorch eager step the FreeDoM way
+* ``steps``: one jitted ``zm.step`` call per scheme (none / independent / dependent / multi,
+  and independent with ``remat``) next to the PyTorch eager step the FreeDoM way
   (``x.requires_grad_()``, CFG in one batched UNet call, Tweedie ``x0``, VAE decode, bicubic
   resize + normalise, energies, ``torch.autograd.grad``, posterior mean minus ``rho grad``),
   all timed in the same rounds; the JAX/PyTorch ratios; compiled memory of every JAX step and
@@ -23,6 +23,12 @@ Sections of the JSON report:
 * ``xla_flags`` (full run only): the independent step and its PyTorch twin re-timed in child
   processes under other ``XLA_FLAGS``; each child's own JAX/PyTorch ratio is comparable across
   children even when the machine's load changes between them.
+
+Every jitted JAX function takes the weights (UNet, VAE, CLIP), the prompt embeddings and the
+style reference as arguments (the ``zm.Denoiser`` and the conditions' params), as the library's
+own programs do: a JAX time is that of the compiled program called with them, the dispatch of
+those arguments included; nothing is baked in as a constant. PyTorch holds its weights in its
+modules as usual.
 
 Times are medians of ``time.perf_counter`` around ``jax.block_until_ready`` after a warm-up
 call, every function of a section called once per round (``bench_schemes.time_round_robin``).
@@ -39,6 +45,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -52,9 +59,12 @@ import numpy as np  # noqa: E402
 import zmagic_jax as zm  # noqa: E402
 from bench_schemes import (compile_step, machine_info, run_sections, time_round_robin,  # noqa: E402
                            write_report)
+from zmagic_jax.contracts import Keyed  # noqa: E402
 from zmagic_jax.energies import clip_style_energy, clip_text_energy, load_clip  # noqa: E402
 from zmagic_jax.energies._image import CLIP_MEAN, CLIP_STD  # noqa: E402
-from zmagic_jax.models import decode_latents, encode_prompt, latent_eps_fn, load_stable_diffusion  # noqa: E402
+from zmagic_jax.models import decode_latents, encode_prompt, latent_denoiser, load_stable_diffusion  # noqa: E402
+from zmagic_jax.tasks._recipe import sampler_by_name, scheme_by_name  # noqa: E402
+from zmagic_jax.tasks._text_style import _decoded  # noqa: E402
 
 NUM_STEPS, MID_STEP = 100, 50
 GUIDANCE_SCALE = 5.0
@@ -113,53 +123,105 @@ def build_models(root: Path) -> Models:
 
 # ----------------------------------------------------------------------------- JAX
 
+SAMPLER = sampler_by_name("ddpm_posterior")
+
+
+def _decoder(m: Models, remat=False):
+    """``decoder(vae_params, z) -> image``: the VAE decoder with its weights as an argument."""
+    return zm.static_partial(_decoded, Keyed(m.sd.vae, repr(m.sd.vae)), float(m.sd.vae_scaling_factor), remat)
+
+
+def _of_decoded(decoder, energy_fn, params, z):
+    """``E(decode(z))`` of a latent; ``params = (VAE params, the energy's params)``."""
+    vae_params, energy_params = params
+    return energy_fn(energy_params, decoder(vae_params, z))
+
+
+def jax_energies(m: Models):
+    """The CLIP style and text energies of an image (:class:`zm.Energy`, weights and references in
+    their params)."""
+    return clip_style_energy(m.clip, m.style_image, STYLE_LAYER), clip_text_energy(m.clip, CLIP_PROMPT)
+
+
 def jax_conditions(m: Models, remat=False):
-    """Style and text conditions on a latent ``x0``: ``E(decode(x0))``."""
-    style = clip_style_energy(m.clip, m.style_image, STYLE_LAYER)
-    text = clip_text_energy(m.clip, CLIP_PROMPT)
-    return (zm.condition("style", lambda z: style(decode_latents(m.sd, z, remat=remat)), zm.freedom_rule(RULE_SCALES[0])),
-            zm.condition("text", lambda z: text(decode_latents(m.sd, z, remat=remat)), zm.freedom_rule(RULE_SCALES[1])))
+    """Style and text conditions on a latent ``x0``: ``E(decode(x0))``, the VAE and CLIP weights
+    and the references in their params."""
+    decoder = _decoder(m, remat)
+    return tuple(zm.condition(name, zm.static_partial(_of_decoded, decoder, energy.fn),
+                              zm.freedom_rule(scale), (m.sd.vae_params, energy.params))
+                 for name, energy, scale in zip(("style", "text"), jax_energies(m), RULE_SCALES))
+
+
+def jax_denoiser(m: Models, remat=False):
+    return latent_denoiser(m.sd, m.embeds[0], m.embeds[1], GUIDANCE_SCALE, remat=remat)
+
+
+def _one_step(denoiser, scheme, key, x, ctx):
+    return zm.step(key, x[0], ctx, denoiser=denoiser, scheme=scheme, sampler=SAMPLER)[0][None]
+
+
+def _batch_step(denoiser, scheme, key, x, ctx):
+    def one(key, x):
+        return zm.step(key, x, ctx, denoiser=denoiser, scheme=scheme, sampler=SAMPLER)[0]
+    return jax.vmap(one)(jax.random.split(key, x.shape[0]), x)
 
 
 def jax_step(m: Models, scheme_name: str, batch: int, remat=False):
-    """``step(key, x, ctx)``: one guided step of ``zm.guided_kernel`` (vmapped when ``batch > 1``).
-    The networks' parameters are closed over, as ``latent_eps_fn`` and the energies do in use."""
-    eps_fn = latent_eps_fn(m.sd, m.embeds[0], m.embeds[1], GUIDANCE_SCALE, remat=remat)
-    scheme = zm.scheme_by_name(scheme_name, jax_conditions(m, remat))
-    kernel = zm.guided_kernel(eps_fn, zm.sampler_by_name("ddpm_posterior"), scheme)
-    if batch == 1:
-        return lambda key, x, ctx: kernel(key, x[0], ctx)[0][None]
-    return lambda key, x, ctx: jax.vmap(kernel, in_axes=(0, 0, None))(jax.random.split(key, batch), x, ctx)[0]
+    """``(step, (denoiser, scheme))``: ``step(denoiser, scheme, key, x, ctx)`` is one guided step
+    of ``zm.step`` (vmapped when ``batch > 1``); the denoiser and the scheme, which carry every
+    weight, are its arguments."""
+    scheme = scheme_by_name(scheme_name, jax_conditions(m, remat))
+    return (_one_step if batch == 1 else _batch_step), (jax_denoiser(m, remat), scheme)
 
 
 def jax_noise(m: Models, key):
-    """The ``sigma_t z`` that ``zm.guided_kernel`` adds for one sample with ``key``."""
-    sampler = zm.sampler_by_name("ddpm_posterior")
-    return sampler.noise_std(m.ctx) * jax.random.normal(jax.random.split(key, 1)[-1], m.x.shape[1:])
+    """The ``sigma_t z`` that ``zm.step`` adds for one sample with ``key``."""
+    return SAMPLER.noise_std(m.ctx) * jax.random.normal(jax.random.split(key, 1)[-1], m.x.shape[1:])
+
+
+def _cfg_forward(denoiser, ctx, x):
+    return denoiser(x, ctx.t)
+
+
+def _cfg_gradient(denoiser, ctx, x):
+    return jax.grad(lambda x: jnp.sum(denoiser(x, ctx.t) ** 2))(x)
+
+
+def _decode(decoder, vae_params, z):
+    return decoder(vae_params, z)
+
+
+def _decode_gradient(decoder, vae_params, z):
+    return jax.grad(lambda z: jnp.sum(decoder(vae_params, z) ** 2))(z)
+
+
+def _energy_gradient(energy, image):
+    return jax.grad(energy)(image)
+
+
+def _weighted_sum_gradient(decoder, denoiser, vae_params, style, text, ctx, x):
+    def both(x):
+        ab = ctx.alpha_bar
+        image = decoder(vae_params, (x - jnp.sqrt(1 - ab) * denoiser(x, ctx.t)) / jnp.sqrt(ab))
+        return RULE_SCALES[0] * style(image) + RULE_SCALES[1] * text(image)
+    return jax.grad(both)(x)
 
 
 def jax_parts(m: Models) -> dict:
-    """name -> (function of one argument, argument): the pieces of the guided step."""
-    t, ab = int(m.ctx.t), m.ctx.alpha_bar
-    eps_fn = latent_eps_fn(m.sd, m.embeds[0], m.embeds[1], GUIDANCE_SCALE)
-    style = clip_style_energy(m.clip, m.style_image, STYLE_LAYER)
-    text = clip_text_energy(m.clip, CLIP_PROMPT)
+    """name -> (function, its arguments): the pieces of the guided step, weights as arguments."""
+    denoiser, decoder, ctx = jax_denoiser(m), _decoder(m), m.ctx
+    style, text = jax_energies(m)
+    vae = m.sd.vae_params
     x = jnp.asarray(m.x[0])
     image = jnp.tanh(decode_latents(m.sd, x))
-
-    def both_energies(x):
-        x0 = (x - jnp.sqrt(1 - ab) * eps_fn(x, t)) / jnp.sqrt(ab)
-        image = decode_latents(m.sd, x0)
-        return RULE_SCALES[0] * style(image) + RULE_SCALES[1] * text(image)
-
     return {
-        "unet_cfg_forward": (lambda x: eps_fn(x, t), x),
-        "unet_cfg_gradient": (jax.grad(lambda x: jnp.sum(eps_fn(x, t) ** 2)), x),
-        "vae_decode": (lambda z: decode_latents(m.sd, z), x),
-        "vae_decode_gradient": (jax.grad(lambda z: jnp.sum(decode_latents(m.sd, z) ** 2)), x),
-        "clip_style_gradient": (jax.grad(style), image),
-        "clip_text_gradient": (jax.grad(text), image),
-        "weighted_sum_gradient": (jax.grad(both_energies), x),
+        "unet_cfg_forward": (_cfg_forward, (denoiser, ctx, x)),
+        "unet_cfg_gradient": (_cfg_gradient, (denoiser, ctx, x)),
+        "vae_decode": (partial(_decode, decoder), (vae, x)),
+        "vae_decode_gradient": (partial(_decode_gradient, decoder), (vae, x)),
+        "clip_style_gradient": (_energy_gradient, (style, image)),
+        "clip_text_gradient": (_energy_gradient, (text, image)),
+        "weighted_sum_gradient": (partial(_weighted_sum_gradient, decoder), (denoiser, vae, style, text, ctx, x)),
     }
 
 
@@ -322,12 +384,13 @@ def steps_section(m: Models, config: Config, threads: int, batch: int = 1) -> di
     x = jnp.asarray(m.x[:batch])
     noise = np.stack([np.asarray(jax_noise(m, k)) for k in
                       ([key] if batch == 1 else list(jax.random.split(key, batch)))])
-    args = (key, x, m.ctx)
     entries, calls = {}, {}
     plan = [(s, False) for s in config.schemes] + [(s, True) for s in config.remat_schemes]
     for scheme, remat in plan:
         label = f"jax_{scheme}" + ("_remat" if remat else "")
-        compiled, seconds, memory = compile_step(jax_step(m, scheme, batch, remat), args)
+        step, weights = jax_step(m, scheme, batch, remat)
+        args = (*weights, key, x, m.ctx)
+        compiled, seconds, memory = compile_step(step, args)
         calls[label] = (compiled, args)
         entries[label] = {"compile_seconds": seconds, "memory": memory}
     torch_x, torch_noise = torch.from_numpy(m.x[:batch]), torch.from_numpy(noise)
@@ -343,7 +406,7 @@ def steps_section(m: Models, config: Config, threads: int, batch: int = 1) -> di
         entries[f"torch_{name}"]["memory"] = torch_peak_bytes(step, (torch_x, torch_noise))
 
     # Same weights, same noise: both frameworks must land on the same x_next.
-    jax_next = np.asarray(calls["jax_independent"][0](*args))
+    jax_next = np.asarray(calls["jax_independent"][0](*calls["jax_independent"][1]))
     torch_next = TorchStep(m, "per_condition", threads)(torch_x, torch_noise).numpy()
     seconds = lambda label: entries[label]["seconds_median"]
     ratios = {f"{j}/torch_{t}": seconds(j) / seconds(f"torch_{t}")
@@ -360,9 +423,9 @@ def steps_section(m: Models, config: Config, threads: int, batch: int = 1) -> di
 
 def parts_section(m: Models, repeats: int, threads: int) -> dict:
     calls, entries = {}, {}
-    for name, (fn, arg) in jax_parts(m).items():
-        compiled, seconds, memory = compile_step(fn, (arg,))
-        calls[f"jax_{name}"] = (compiled, (arg,))
+    for name, (fn, args) in jax_parts(m).items():
+        compiled, seconds, memory = compile_step(fn, args)
+        calls[f"jax_{name}"] = (compiled, args)
         entries[f"jax_{name}"] = {"compile_seconds": seconds, "temp_bytes": memory.get("temp_size_in_bytes")}
     for name, (fn, arg) in torch_parts(m, threads).items():
         calls[f"torch_{name}"] = (_torch_call(fn), (arg,))

@@ -34,14 +34,15 @@ import optax
 
 from zmagic_jax import figures
 from zmagic_jax._io import atomic_write_bytes
-from zmagic_jax.models._digits import (CHECKSUM_FILE, CONFIG_FILE, DIGITS_ASSETS, HELDOUT_FILE, NETWORKS, Net,
-                                       build_networks, sha256_of)
+from zmagic_jax.checkpoint_io import load_params, save_params
+from zmagic_jax.models import ddpm_denoiser
+from zmagic_jax.models._digits import NETWORKS, Net, build_networks
 from zmagic_jax.ports import DDPM_UNET
-from zmagic_jax.ports._checkpoint import config_to_json, load_params, save_params
-from zmagic_jax.samplers import sampler_by_name
+from zmagic_jax.ports._checkpoint import config_to_json
+from zmagic_jax.ports._digits import CHECKSUM_FILE, CONFIG_FILE, DIGITS_ASSETS, HELDOUT_FILE, sha256_of
+from zmagic_jax.samplers import ddpm_ancestral
 from zmagic_jax.sampling import sample
 from zmagic_jax.schedules import linear_schedule, timestep_grid
-from zmagic_jax.models._ddpm_unet import ddpm_eps_fn
 from zmagic_jax.tasks._outputs import save_image_grid
 
 RESOLUTION = 16
@@ -290,15 +291,10 @@ def main(argv=None) -> int:
 def evaluate_samples(key, nets, schedule, x_held, y_held, results: Path, count: int = 200, steps: int = 50) -> dict:
     """Unguided samples of the EMA UNet scored by the evaluator, beside the held-out real digits."""
     grid = timestep_grid(schedule.num_train_steps, steps)
-
-    @jax.jit
-    def draw(params, key):
-        x_T = jax.random.normal(jax.random.fold_in(key, 0), (count,) + x_held.shape[1:])
-        eps_fn = ddpm_eps_fn(nets["unet"].module, params)
-        return sample(jax.random.fold_in(key, 1), x_T, eps_fn, schedule, grid, None,
-                      sampler_by_name("ddpm_ancestral"))[0]
-
-    x0 = jnp.clip(draw(nets["unet"].params, key), -1.0, 1.0)
+    x_T = jax.random.normal(jax.random.fold_in(key, 0), (count,) + x_held.shape[1:])
+    denoiser = ddpm_denoiser(nets["unet"].module, nets["unet"].params)
+    x0 = sample(jax.random.fold_in(key, 1), x_T, schedule, grid, denoiser=denoiser, sampler=ddpm_ancestral()).x0
+    x0 = jnp.clip(x0, -1.0, 1.0)
     evaluator = nets["evaluator"]
     probs = lambda x: jax.nn.softmax(evaluator.module.apply({"params": evaluator.params}, x).logits, -1)
     guide = nets["classifier"]

@@ -10,28 +10,36 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+import zmagic_jax as zm  # noqa: E402
 
-def mlp_eps_fn(key, dim, hidden=16, dtype=jnp.float32):
+
+def _mlp_apply(params, x, t):
+    w1, b1, w2, wt = params
+    h = jnp.tanh(w1 @ x + b1 + wt * jnp.sin(jnp.asarray(t, x.dtype) / 100.0))
+    return 0.5 * x + w2 @ h
+
+
+def mlp_denoiser(key, dim, hidden=16, dtype=jnp.float32):
     """A small random MLP noise predictor: its Jacobian is not symmetric, as for a real network."""
     k1, k2, k3, k4 = jax.random.split(key, 4)
-    w1 = jax.random.normal(k1, (hidden, dim), dtype) / jnp.sqrt(dim)
-    b1 = 0.1 * jax.random.normal(k2, (hidden,), dtype)
-    w2 = jax.random.normal(k3, (dim, hidden), dtype) / jnp.sqrt(hidden)
-    wt = jax.random.normal(k4, (hidden,), dtype)
-
-    def eps_fn(x, t):
-        h = jnp.tanh(w1 @ x + b1 + wt * jnp.sin(jnp.asarray(t, dtype) / 100.0))
-        return 0.5 * x + w2 @ h
-    return eps_fn
+    params = (jax.random.normal(k1, (hidden, dim), dtype) / jnp.sqrt(dim),
+              0.1 * jax.random.normal(k2, (hidden,), dtype),
+              jax.random.normal(k3, (dim, hidden), dtype) / jnp.sqrt(hidden),
+              jax.random.normal(k4, (hidden,), dtype))
+    return zm.Denoiser(_mlp_apply, params)
 
 
-def gaussian_eps_fn(schedule, mean, var):
+def _gaussian_apply(params, x, t):
+    mean, var, alphas_cumprod = params
+    ab = alphas_cumprod[t]
+    score = -(x - jnp.sqrt(ab) * mean) / (ab * var + 1.0 - ab)
+    return -jnp.sqrt(1.0 - ab) * score
+
+
+def gaussian_denoiser(schedule, mean, var, dtype=jnp.float32):
     """Exact eps of the VP marginals of a Gaussian prior N(mean, diag(var))."""
-    def eps_fn(x, t):
-        ab = schedule.alphas_cumprod[t]
-        score = -(x - jnp.sqrt(ab) * mean) / (ab * var + 1.0 - ab)
-        return -jnp.sqrt(1.0 - ab) * score
-    return eps_fn
+    return zm.Denoiser(_gaussian_apply, (jnp.asarray(mean, dtype), jnp.asarray(var, dtype),
+                                         jnp.asarray(schedule.alphas_cumprod, dtype)))
 
 
 def random_mixture_params(seed, num=3, dim=3, mean_std=1.5, jitter=0.1):
@@ -65,3 +73,13 @@ def tiny_clip_dirs(tmp_path_factory):
     pytest.importorskip("torch")
     from experiments.tiny_models import save_tiny_clip
     return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Each test file runs whole on one pytest-xdist worker (``--dist loadgroup``), so its
+    module-scoped fixtures and compiled programs are built once; files that share compiled
+    programs name a common ``xdist_group`` (tests/test_cli.py and tests/tasks/test_digits.py)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -4,6 +4,9 @@ import json
 import pytest
 
 from zmagic_jax import cli
+
+# With tests/tasks/test_digits.py (same testbed settings): the demo's programs compile once.
+pytestmark = pytest.mark.xdist_group("demo")
 from zmagic_jax.tasks import _testbed_demo
 
 ARGS = ["--dims", "2", "--samples", "32", "--steps", "10", "--no-digits"]  # digits: tests/tasks/test_digits.py
@@ -98,7 +101,7 @@ def test_convert_writes_self_describing_params(tmp_path, capsys):
         np.testing.assert_array_equal(np.asarray(value), np.asarray(traverse_util.flatten_dict(converted)[key]))
     # A checkpoint of another ONet size is refused, naming the mismatch, and nothing is written.
     tiny = ONetConfig(widths=(4, 8, 8, 16), hidden=16, input_size=26)
-    from tests.ports.torch_mtcnn import TorchONet
+    from ports.torch_mtcnn import TorchONet
     torch.save(TorchONet(tiny.widths, tiny.hidden, 1).state_dict(), tmp_path / "tiny.pth")
     with pytest.raises(SystemExit):
         cli.main(["convert", "onet", str(tmp_path / "tiny.pth"), str(tmp_path / "tiny.safetensors")])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import zmagic_jax as zm
-from tests.conftest import gaussian_eps_fn
+from tests.conftest import gaussian_denoiser
 
 MEAN = np.array([0.8, -0.4, 0.3])
 VAR = np.array([0.5, 0.3, 0.8])
@@ -15,13 +15,14 @@ NOISE = 0.3
 Y = np.array([0.9, 0.6])
 
 
-def exact_measurement_nll(x_t, ab):
+def exact_measurement_nll(params, x_t, ab):
     """-log p(y | x_t): x0 | x_t is Gaussian, so y | x_t is Gaussian (closed form)."""
-    gain = jnp.sqrt(ab) * VAR / (ab * VAR + 1.0 - ab)
-    m_t = MEAN + gain * (x_t - jnp.sqrt(ab) * MEAN)
-    c_t = VAR * (1.0 - ab) / (ab * VAR + 1.0 - ab)
-    cov = (A * c_t) @ A.T + NOISE ** 2 * jnp.eye(2)
-    r = Y - A @ m_t
+    mean, var, a, noise, y = params
+    gain = jnp.sqrt(ab) * var / (ab * var + 1.0 - ab)
+    m_t = mean + gain * (x_t - jnp.sqrt(ab) * mean)
+    c_t = var * (1.0 - ab) / (ab * var + 1.0 - ab)
+    cov = (a * c_t) @ a.T + noise ** 2 * jnp.eye(2)
+    r = y - a @ m_t
     return 0.5 * r @ jnp.linalg.solve(cov, r) + 0.5 * jnp.linalg.slogdet(cov)[1]
 
 
@@ -31,15 +32,17 @@ def closed_form_posterior():
     return cov @ (MEAN / VAR + A.T @ Y / NOISE ** 2), cov
 
 
-@pytest.mark.parametrize("sampler", ["ddpm_ancestral", "ddpm_posterior", "pc"])
+@pytest.mark.parametrize("sampler", [zm.ddpm_ancestral(), zm.ddpm_posterior(), zm.predictor_corrector()],
+                         ids=lambda s: s.name)
 def test_exact_likelihood_guidance_matches_closed_form_posterior(sampler):
     schedule = zm.linear_schedule()
     grid = zm.timestep_grid(1000, 1000)
-    eps_fn = gaussian_eps_fn(schedule, jnp.asarray(MEAN, jnp.float32), jnp.asarray(VAR, jnp.float32))
-    cond = zm.condition("y", exact_measurement_nll, zm.score_rule(), noise_aware=True)
+    params = tuple(jnp.asarray(v, jnp.float32) for v in (MEAN, VAR, A, NOISE, Y))
+    cond = zm.condition("y", exact_measurement_nll, zm.score_rule(), params, noise_aware=True)
     n = 4000
     x_T = jax.random.normal(jax.random.PRNGKey(0), (n, 3))
-    x0, _ = zm.sample(jax.random.PRNGKey(1), x_T, eps_fn, schedule, grid, zm.independent([cond]), sampler)
+    x0 = zm.sample(jax.random.PRNGKey(1), x_T, schedule, grid, denoiser=gaussian_denoiser(schedule, MEAN, VAR),
+                   scheme=zm.independent([cond]), sampler=sampler).x0
     x0 = np.asarray(x0, np.float64)
     mean, cov = closed_form_posterior()
     se = np.sqrt(np.diag(cov) / n)

@@ -8,17 +8,19 @@ import zmagic_jax as zm
 def test_linear_schedule_matches_ddpm():
     s = zm.linear_schedule()
     betas = np.linspace(1e-4, 0.02, 1000)
-    np.testing.assert_allclose(s.betas, betas, rtol=1e-6)
-    np.testing.assert_allclose(s.alphas_cumprod, np.cumprod(1 - betas), rtol=1e-5)
+    # host data in float64: exact, whatever the sample's dtype
+    assert isinstance(s.alphas_cumprod, np.ndarray) and s.alphas_cumprod.dtype == s.betas.dtype == np.float64
+    np.testing.assert_allclose(s.betas, betas, rtol=1e-14)
+    np.testing.assert_allclose(s.alphas_cumprod, np.cumprod(1 - betas), rtol=1e-12)
 
 
 def test_scaled_linear_and_cosine():
     s = zm.scaled_linear_schedule()
-    np.testing.assert_allclose(s.betas, np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, rtol=1e-6)
+    np.testing.assert_allclose(s.betas, np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, rtol=1e-14)
     c = zm.cosine_schedule(1000)
     f = lambda u: np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2
     # away from the clipped end, alpha_bar follows the cosine law exactly
-    np.testing.assert_allclose(c.alphas_cumprod[:900], f(np.arange(1, 901) / 1000) / f(0), rtol=1e-4)
+    np.testing.assert_allclose(c.alphas_cumprod[:900], f(np.arange(1, 901) / 1000) / f(0), rtol=1e-10)
     assert float(c.betas.max()) == pytest.approx(0.999)
 
 
@@ -32,6 +34,13 @@ def test_freedom_grid():
     assert float(zm.alpha_bar(s, 990)) == pytest.approx(float(s.alphas_cumprod[990]))
     lin = zm.timestep_grid(1000, 10, spacing="linspace")
     assert lin.t[0] == 999 and lin.t[-1] == 0
+
+
+def test_alpha_bar_is_the_schedule_in_the_requested_dtype(x64):
+    s = zm.linear_schedule()
+    ab = zm.alpha_bar(s, jnp.array([-1, 0, 990]), jnp.float64)
+    np.testing.assert_array_equal(ab, [1.0, s.alphas_cumprod[0], s.alphas_cumprod[990]])
+    assert zm.alpha_bar(s, 990, jnp.float32).dtype == jnp.float32
 
 
 def test_conversions_are_inverse():

@@ -4,7 +4,13 @@ FreeDoM-style independent guidance, Z-Magic conditional-dependent guidance (Algo
 second condition's gradient pulled back through the step guided by the first, an exact
 Jacobian/Hessian-vector product) and Z-Magic multi-condition guidance (Algorithm 2: CAGrad over
 every ordered pair), on DDPM, DDIM and predictor-corrector samplers driven by one ``lax.scan``.
+
+Everything is data: a :class:`Denoiser` carries its weights, a :class:`Condition` its energy's
+parameters and a :class:`StepRule` whose numbers are leaves, a scheme its conditions and its own
+``direction`` method. :func:`step` and :func:`sample_chain` are pure kernels for your own
+``jit`` / ``vmap`` / ``grad``; :func:`sample` is the jitted, batched, sharded convenience.
 """
+from zmagic_jax.contracts import Denoiser, Energy, static_partial
 from zmagic_jax.geometry import energy_curves, guided_cosines, loss_landscape, mean_guided_cosine
 from zmagic_jax.samplers import (
     Sampler,
@@ -15,11 +21,10 @@ from zmagic_jax.samplers import (
     ddpm_posterior,
     eta_mixing,
     predictor_corrector,
-    run_chain,
-    sampler_by_name,
+    step_context,
     step_contexts,
 )
-from zmagic_jax.sampling import TimeTravel, guided_kernel, sample, time_travel
+from zmagic_jax.sampling import Record, Samples, TimeTravel, sample, sample_chain, step, time_travel
 from zmagic_jax.schedules import (
     Schedule,
     TimestepGrid,
@@ -35,18 +40,21 @@ from zmagic_jax.schedules import (
 )
 from zmagic_jax.schemes import (
     Condition,
+    DependentTerms,
     GuidanceInfo,
     cagrad,
     cagrad_weights,
     condition,
     dependent,
     dependent_terms,
-    model_led_term,
     direction,
+    energies_and_grads,
+    every_step_guided,
+    guidance_info,
     independent,
+    model_led_term,
     multi,
     none,
-    scheme_by_name,
 )
 from zmagic_jax.step_rules import (
     StepRule,
@@ -57,4 +65,4 @@ from zmagic_jax.step_rules import (
     score_rule,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

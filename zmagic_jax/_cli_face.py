@@ -72,16 +72,15 @@ def _settings(args):
 
 
 def _table(report: dict) -> str:
+    from zmagic_jax.tasks._recipe import format_table
+
     runs = report["runs"]
     metrics = sorted({name for r in runs.values() for name in r["mean"]})
     rows = [("run", *metrics, "guided steps", "compile s", "sample s")]
     for label, r in runs.items():
         rows.append((label, *(f"{r['mean'][m]:.4g} ± {r['std'][m]:.2g}" for m in metrics), str(r["guided_steps"]),
                      f"{r['compile_s']:.1f}", f"{r['run_s']:.1f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(rows)
 
 
 def _load_models(args, settings):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 from pathlib import Path
 
 from tqdm import tqdm
@@ -12,89 +11,32 @@ from zmagic_jax._cli_face import add_convert, add_face, run_convert, run_face
 
 
 def _table(report: dict) -> str:
+    from zmagic_jax.tasks._recipe import format_table
+
     rows = [("d", "setting", "scheme", "E class", "E meas_1", "E meas_2", "ED", "SW", "cos", "diverged",
              "time s")]
     for r in report["results"]:
         e = r["final_energy"]
-        fmt = lambda name: f"{e[name]['mean']:.3g}" if name in e else "-"
+        fmt = lambda name: f"{e[name]['mean']:.3g}" if name in e and e[name]["mean"] is not None else "-"
         cos = r["mean_guided_cosine"]
         rows.append((str(r["dim"]), r["setting"], r["scheme"], fmt("class"), fmt("measurement_1"),
                      fmt("measurement_2"), f"{r['energy_distance']:.3f}", f"{r['sliced_wasserstein']:.3f}",
                      "-" if cos is None else f"{cos:+.3f}", str(r["diverged_samples"]),
                      "-" if r["wall_time_s"] is None else f"{r['wall_time_s']:.1f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _testbed_process(out, settings, queue) -> None:
-    """The testbed half of the demo in a child process: progress labels and the report (or the
-    error) go back through ``queue``. SIGTERM raises KeyboardInterrupt, so the atomic output folder
-    is cleaned up when the parent stops early."""
-    import signal
-
-    from zmagic_jax.tasks import run_testbed_demo
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        queue.put(("done", run_testbed_demo(out, settings, lambda label: queue.put(("progress", label)))))
-    except BaseException as err:  # reported to the parent, which raises it
-        queue.put(("error", f"{type(err).__name__}: {err}"))
-
-
-def _testbed_and_digits(out, settings, digits, digit_settings, progress):
-    """Run the testbed in a child process while this process compiles and runs the digits (their
-    Python tracing and the testbed's would otherwise share one interpreter lock), then write the
-    digits into ``out/digits`` once the testbed has written ``out``."""
-    import multiprocessing
-
-    from zmagic_jax.tasks._digits import run_digits, save_digits
-
-    context = multiprocessing.get_context("spawn")  # JAX's threads do not survive fork
-    queue = context.Queue()
-    child = context.Process(target=_testbed_process, args=(out, settings, queue), daemon=True)
-    child.start()
-    outcome = {}
-
-    def listen():
-        while True:
-            kind, value = queue.get()
-            if kind == "progress":
-                progress(value)
-            else:
-                outcome[kind] = value
-                return
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
-    try:
-        result = run_digits(digits, digit_settings, progress=progress)
-        while listener.is_alive():
-            listener.join(timeout=1.0)
-            if listener.is_alive() and not child.is_alive():
-                listener.join(timeout=5.0)
-                if listener.is_alive():
-                    raise RuntimeError(f"the testbed process exited with code {child.exitcode} without a report")
-        if "error" in outcome:
-            raise RuntimeError(f"the testbed part of the demo failed: {outcome['error']}")
-        child.join()
-        return outcome["done"], save_digits(Path(out) / "digits", result, digits)
-    finally:
-        if child.is_alive():
-            child.terminate()
-            child.join(timeout=30)
+    return format_table(rows)
 
 
 def _demo(args) -> int:
-    from zmagic_jax.tasks import DemoSettings, run_testbed_demo
+    from zmagic_jax._io import atomic_output_dir
+    from zmagic_jax.tasks import DemoSettings
+    from zmagic_jax.tasks._recipe import PROGRAMS
+    from zmagic_jax.tasks._testbed_demo import prepare_testbed_demo, write_testbed_demo
 
     settings = DemoSettings(seed=args.seed, dims=tuple(args.dims), num_samples=args.samples,
                             num_steps=args.steps, sampler=args.sampler, guidance_scale=args.scale)
     digits = None
     if not args.no_digits:
-        from zmagic_jax.models._digits import load_digit_models
+        from zmagic_jax.ports import load_digit_models
         from zmagic_jax.tasks._digits import DEFAULT_RUNS, DigitSettings
 
         if args.digit_seeds < 2:
@@ -103,21 +45,25 @@ def _demo(args) -> int:
             raise ValueError(f"--digit-class must be a digit 0..9; got {args.digit_class}.")
         digit_settings = DigitSettings(target_class=args.digit_class, seeds=tuple(range(args.digit_seeds)))
         digits = load_digit_models()  # checksums first: a damaged weight file stops the demo before any work
-    total = len(settings.dims) * 7 + (0 if digits is None else len(DEFAULT_RUNS))
-    with tqdm(total=total, desc="zmagic demo", unit="run", file=sys.stderr) as bar:
-        lock = threading.Lock()
-
+    total = len(settings.dims) * 7 + (0 if digits is None else len(DEFAULT_RUNS)) + 1
+    with tqdm(total=total, desc="zmagic demo: tracing", unit="run", file=sys.stderr) as bar:
         def progress(label):
-            with lock:
-                if bar.n or bar.desc != "zmagic demo":
-                    bar.update(1)
-                bar.set_description(label)
-        if digits is None:
-            report = run_testbed_demo(args.out, settings, progress)
-        else:
-            report, digit_report = _testbed_and_digits(args.out, settings, digits, digit_settings, progress)
-        with lock:
             bar.update(1)
+            bar.set_description(label)
+        # Every program is traced first, then all compile together on the machine's cores (XLA
+        # releases the interpreter lock while compiling); the runs follow.
+        plan = prepare_testbed_demo(settings)
+        if digits is not None:
+            from zmagic_jax.tasks._digits import prepare_digits, run_digits, save_digits
+            prepare_digits(digits, digit_settings)
+        bar.set_description("zmagic demo: compiling")
+        compile_s = PROGRAMS.compile_pending(workers=2)
+        with atomic_output_dir(args.out) as tmp:
+            report = write_testbed_demo(Path(tmp), plan, progress, compile_s=compile_s)
+            if digits is not None:
+                result = run_digits(digits, digit_settings, progress=progress)
+                digit_report = save_digits(Path(tmp) / "digits", result, digits)
+        bar.update(bar.total - bar.n)
     print(f"\nExact testbed ({settings.sampler}, {settings.num_steps} steps, {settings.num_samples} samples, "
           f"seed {settings.seed}). E = final energy (mean), ED / SW = energy distance / sliced W2 to exact "
           "posterior samples, cos = mean guided-step cosine.")
@@ -129,7 +75,8 @@ def _demo(args) -> int:
               f"target class {digit_settings.target_class}, {len(digit_settings.seeds)} seeds; scores by the "
               "evaluator network, never used for guidance; mean±std over seeds).")
         print(digit_table(digit_report))
-    print(f"\nwrote {args.out}/report.json and figures" + ("" if digits is None else f", {args.out}/digits/"))
+    print(f"\ncompiling every program: {compile_s:.0f} s (all at once, 2 threads)")
+    print(f"wrote {args.out}/report.json and figures" + ("" if digits is None else f", {args.out}/digits/"))
     return 0
 
 
@@ -156,11 +103,17 @@ def _text_style_settings(args):
             text_guidance=args.text_guidance, sampler=args.sampler,
             latent_size=None if args.latent_size is None else tuple(args.latent_size), remat=args.remat)
     except ValueError as err:
-        flag = next((flag for field, flag in _SETTING_FLAGS if field in str(err)), None)
-        raise _FlagError(f"{flag}: {err}" if flag else str(err)) from err
+        raise _flagged(err) from err
+
+
+def _flagged(err: ValueError) -> "_FlagError":
+    flag = next((flag for field, flag in _SETTING_FLAGS if field in str(err)), None)
+    return _FlagError(f"{flag}: {err}" if flag else str(err))
 
 
 def _text_style_table(report: dict) -> str:
+    from zmagic_jax.tasks._recipe import format_table
+
     rows = [("seed", "method", "content loss", "style loss", "text distance")]
     for r in report["images"]:
         rows.append((str(r["seed"]), r["method"], f"{r['content_loss']:.4g}", f"{r['style_loss']:.4g}",
@@ -169,10 +122,7 @@ def _text_style_table(report: dict) -> str:
         label = next(r["method"] for r in report["images"] if r["scheme"] == scheme)
         rows.append(("mean", label, f"{means['content_loss']:.4g}", f"{means['style_loss']:.4g}",
                      f"{means['text_distance']:.4f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(rows)
 
 
 def _text_style(args) -> int:
@@ -200,6 +150,10 @@ def _text_style(args) -> int:
             except (OSError, ValueError) as err:
                 raise _FlagError(f"{flag}: {err}") from err
         models = TextStyleModels(*models)
+        try:  # the windows against the model's own schedule, before any work
+            settings.grid(models.sd.schedule)
+        except ValueError as err:
+            raise _flagged(err) from err
 
         def progress(label):
             bar.update(1)

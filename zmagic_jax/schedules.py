@@ -14,10 +14,15 @@ import numpy as np
 
 
 class Schedule(NamedTuple):
-    """Discrete VP schedule: ``betas[t]`` and ``alphas_cumprod[t] = prod_{s<=t} (1 - betas[s])``."""
+    """Discrete VP schedule: ``betas[t]`` and ``alphas_cumprod[t] = prod_{s<=t} (1 - betas[s])``.
 
-    betas: jnp.ndarray
-    alphas_cumprod: jnp.ndarray
+    Stored as float64 numpy arrays (host data, exact): every use casts them to the dtype of the
+    sample it serves (:func:`alpha_bar`, :func:`~zmagic_jax.step_contexts`), so a float64 run
+    under ``jax_enable_x64`` is float64 throughout.
+    """
+
+    betas: np.ndarray
+    alphas_cumprod: np.ndarray
 
     @property
     def num_train_steps(self) -> int:
@@ -31,8 +36,7 @@ def _schedule_from_betas(betas: np.ndarray) -> Schedule:
             "schedule: betas must be a non-empty 1-D array with every entry in (0, 1); "
             f"got shape {betas.shape}."
         )
-    alphas_cumprod = np.cumprod(1.0 - betas)
-    return Schedule(jnp.asarray(betas, jnp.float32), jnp.asarray(alphas_cumprod, jnp.float32))
+    return Schedule(betas, np.cumprod(1.0 - betas))
 
 
 def linear_schedule(num_train_steps: int = 1000, beta_start: float = 1e-4,
@@ -105,9 +109,36 @@ def timestep_grid(num_train_steps: int, num_steps: int, spacing: str = "leading"
     return TimestepGrid(t, t_next)
 
 
-def alpha_bar(schedule: Schedule, t) -> jnp.ndarray:
-    """``ab_t`` for integer ``t`` (traced or static), with ``ab_{-1} = 1`` (clean data)."""
-    padded = jnp.concatenate([jnp.ones((1,), schedule.alphas_cumprod.dtype), schedule.alphas_cumprod])
+def check_grid(schedule: Schedule, grid: TimestepGrid, who: str = "grid") -> TimestepGrid:
+    """Validate ``grid`` against ``schedule`` (host-side): integer arrays of one length >= 1, every
+    ``t`` in ``[0, T)``, every ``t_next`` in ``[-1, t)``. Returns the grid as int32 numpy arrays."""
+    if not isinstance(schedule, Schedule):
+        raise ValueError(f"{who}: schedule must be a Schedule (zmagic_jax.linear_schedule(), ...); got "
+                         f"{type(schedule).__name__}. Pass the schedule first, then the grid.")
+    if not isinstance(grid, TimestepGrid):
+        raise ValueError(f"{who}: grid must be a TimestepGrid (zmagic_jax.timestep_grid(T, steps)); got "
+                         f"{type(grid).__name__}.")
+    t, t_next = np.asarray(grid.t), np.asarray(grid.t_next)
+    for name, a in (("t", t), ("t_next", t_next)):
+        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"{who}: grid.{name} must be a 1-D integer array of timesteps; got shape {a.shape} "
+                             f"and dtype {a.dtype}. Build the grid with zmagic_jax.timestep_grid.")
+    if t.size == 0 or t.shape != t_next.shape:
+        raise ValueError(f"{who}: grid.t and grid.t_next must have the same length >= 1; got {t.size} and "
+                         f"{t_next.size}.")
+    T = schedule.num_train_steps
+    if t.min() < 0 or t.max() >= T or t_next.min() < -1 or np.any(t_next >= t):
+        raise ValueError(f"{who}: every step must go down from t in [0, {T - 1}] to t_next in [-1, t) for this "
+                         f"schedule of {T} steps; got t in [{t.min()}, {t.max()}] and t_next in "
+                         f"[{t_next.min()}, {t_next.max()}]. Build the grid with the schedule's num_train_steps.")
+    return TimestepGrid(t.astype(np.int32), t_next.astype(np.int32))
+
+
+def alpha_bar(schedule: Schedule, t, dtype=None) -> jnp.ndarray:
+    """``ab_t`` for integer ``t`` (traced or static), with ``ab_{-1} = 1`` (clean data), in
+    ``dtype`` (default: JAX's default float, float64 under ``jax_enable_x64``)."""
+    padded = jnp.asarray(np.concatenate([[1.0], np.asarray(schedule.alphas_cumprod, np.float64)]),
+                         dtype or jnp.result_type(float))
     return padded[jnp.asarray(t) + 1]
 
 

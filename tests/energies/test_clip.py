@@ -14,6 +14,18 @@ from zmagic_jax.energies import safe_norm
 LAYER = 3
 
 
+@jax.jit
+def _value(energy, x):
+    """An energy of one image: its weights and reference are arguments of the compiled program."""
+    return energy(x)
+
+
+@jax.jit
+def _values_and_grads(energies, batch):
+    """``{name: (values, gradients)}`` of a dict of energies over a batch, in one program."""
+    return {name: jax.vmap(jax.value_and_grad(energy))(batch) for name, energy in energies.items()}
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_clip_dirs):
     """The tiny random CLIP in PyTorch format (``pt_dir``) and Flax format (``flax_dir``)."""
@@ -90,8 +102,7 @@ def test_energies_equal_torch_formulas_under_jit_vmap_grad(tiny):
     energies = {"freedom": clip_text_energy(clip, "a cat", "freedom"),
                 "cosine": clip_text_energy(clip, "a cat", "cosine"),
                 "style": clip_style_energy(clip, ref, LAYER)}
-    results = jax.jit(jax.vmap(lambda x: {name: jax.value_and_grad(energy)(x)
-                                          for name, energy in energies.items()}))(batch)
+    results = _values_and_grads(energies, batch)
     text, ref_style = torch_text(tiny, "a cat"), torch_style(tiny, ref).double()
     for i, image in enumerate(batch[:2]):
         emb, style = torch_image(tiny, image), torch_style(tiny, image).double()
@@ -106,8 +117,8 @@ def test_energies_equal_torch_formulas_under_jit_vmap_grad(tiny):
     # the residual is tiny but not exactly zero and the gradient of its norm stays O(1)).
     assert abs(float(results["style"][0][2])) < 1e-5 * float(results["style"][0][0])
     assert np.all(np.isfinite(results["style"][1][2]))
-    # The energies are plain functions of one image: unbatched calls agree with the vmapped ones.
-    np.testing.assert_allclose(jax.jit(energies["cosine"])(batch[1]), results["cosine"][0][1], rtol=1e-5)
+    # The energies are functions of one image: unbatched calls agree with the vmapped ones.
+    np.testing.assert_allclose(_value(energies["cosine"], batch[1]), results["cosine"][0][1], rtol=1e-5)
 
 
 def test_norm_at_the_minimum_has_zero_gradient():
@@ -175,13 +186,13 @@ def test_content_style_and_text_metrics_equal_torch_formulas(tiny):
     assert rel_err(style_loss, expected_style.numpy()) < 1e-4
     assert rel_err(text_distance, expected_text.numpy()) < 1e-4
     assert rel_err(clip_text_distance(clip, image, "a cat"), expected_text.numpy()) < 1e-4
-    np.testing.assert_allclose(jax.jit(clip_style_energy(clip, style, LAYER))(image), style_loss, rtol=1e-5)
+    np.testing.assert_allclose(_value(clip_style_energy(clip, style, LAYER), image), style_loss, rtol=1e-5)
 
     energy = clip_content_energy(clip, content, layer)
-    values, grads = jax.jit(jax.vmap(jax.value_and_grad(energy)))(np.stack([image, images(8)]))
+    values, grads = _values_and_grads({"content": energy}, np.stack([image, images(8)]))["content"]
     np.testing.assert_allclose(values[0], content_loss, rtol=1e-5)
     assert np.all(np.isfinite(grads)) and np.max(np.abs(grads)) > 0
-    assert float(jax.jit(energy)(content)) < 1e-10  # the content reference itself
+    assert float(_value(energy, content)) < 1e-10  # the content reference itself
 
 
 def test_content_and_metric_layers_are_checked(tiny):

@@ -16,7 +16,7 @@ from zmagic_jax.models import (
     log_responsibilities,
     marginal_log_prob,
     marginal_score,
-    mixture_eps_fn,
+    mixture_denoiser,
     posterior_mean_x0,
     responsibilities,
     sample_mixture,
@@ -154,14 +154,25 @@ def test_responsibilities_match_scipy(params, gmm, ab):
         np.testing.assert_allclose(responsibilities(gmm, x, ab), np.exp(expected), rtol=1e-10)
 
 
-def test_eps_fn_is_scaled_score_with_traced_timestep(gmm):
-    alphas_cumprod = jnp.linspace(0.999, 0.01, 10)
-    eps_fn = jax.jit(jax.vmap(mixture_eps_fn(gmm, alphas_cumprod), in_axes=(0, None)))
+def test_denoiser_is_scaled_score_with_traced_timestep(gmm):
+    """The timestep is traced; the mixture and the schedule are params, so another mixture of the
+    same shapes reuses the compiled program."""
+    alphas_cumprod = np.linspace(0.999, 0.01, 10)
+    traces = []
+
+    @jax.jit
+    def eps(den, xs, t):
+        traces.append(1)
+        return jax.vmap(den, in_axes=(0, None))(xs, t)
+
     xs = points(3, num=5)
-    for t in (0, 4, 9):
-        ab = alphas_cumprod[t]
-        expected = np.stack([-np.sqrt(1 - ab) * marginal_score(gmm, x, ab) for x in xs])
-        np.testing.assert_allclose(eps_fn(xs, jnp.int32(t)), expected, rtol=1e-10, atol=1e-12)
+    for mixture in (gmm, gaussian_mixture(*random_params(2))):
+        den = mixture_denoiser(mixture, alphas_cumprod)
+        for t in (0, 4, 9):
+            ab = alphas_cumprod[t]
+            expected = np.stack([-np.sqrt(1 - ab) * marginal_score(mixture, x, ab) for x in xs])
+            np.testing.assert_allclose(eps(den, xs, jnp.int32(t)), expected, rtol=1e-10, atol=1e-12)
+    assert len(traces) == 1
 
 
 @pytest.mark.parametrize("ab", [1e-3, 0.3, 0.9, 1.0])
@@ -301,8 +312,8 @@ def test_point_and_schedule_validation(gmm):
         marginal_log_prob(gmm, np.ones(3), 1.5)
     with pytest.raises(ValueError, match="alpha_bar must be a scalar"):
         posterior_mean_x0(gmm, np.ones(3), np.ones(2))
-    with pytest.raises(ValueError, match="alphas_cumprod must have shape"):
-        mixture_eps_fn(gmm, np.ones((2, 2)))
+    with pytest.raises(ValueError, match="mixture_denoiser: alphas_cumprod must have shape"):
+        mixture_denoiser(gmm, np.ones((2, 2)))
     with pytest.raises(ValueError, match="n must be a static integer"):
         sample_mixture(jax.random.PRNGKey(0), gmm, 2.5)
 

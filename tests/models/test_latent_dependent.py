@@ -16,7 +16,7 @@ import pytest
 
 import zmagic_jax as zm
 from zmagic_jax.energies import clip_style_energy, load_clip
-from zmagic_jax.models import decode_latents, encode_prompt, latent_eps_fn, load_stable_diffusion
+from zmagic_jax.models import StableDiffusion, decode_latents, encode_prompt, latent_denoiser, load_stable_diffusion
 
 pytest.importorskip("torch")
 
@@ -24,6 +24,22 @@ pytest.importorskip("torch")
 def _to64(tree):
     return jax.tree.map(lambda p: jnp.asarray(p, jnp.float64) if jnp.issubdtype(p.dtype, jnp.floating) else p,
                         tree)
+
+
+def _decoded(vae, scaling_factor, vae_params, z):
+    return decode_latents(StableDiffusion(None, None, vae, vae_params, None, None, None, None, scaling_factor), z)
+
+
+def pixels_energy(vae, scaling_factor, params, z):
+    """Mean squared error of the decoded latent to a target image; ``params = (vae params, target)``."""
+    vae_params, target = params
+    return jnp.mean((_decoded(vae, scaling_factor, vae_params, z) - target) ** 2)
+
+
+def style_energy(vae, scaling_factor, params, z):
+    """A CLIP style energy of the decoded latent; ``params = (vae params, Energy)``."""
+    vae_params, style = params
+    return style(_decoded(vae, scaling_factor, vae_params, z))
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +50,17 @@ def latent_setup(tiny_sd_dirs, tiny_clip_dirs):
                          text_params=_to64(sd.text_params))
         clip = load_clip(tiny_clip_dirs["pt"], dtype=jnp.float64)
         emb = encode_prompt(sd, ["lower newer", ""])
-        eps_fn = latent_eps_fn(sd, emb[0], emb[1], 3.0)
+        den = latent_denoiser(sd, emb[0], emb[1], 3.0)
         style_ref = np.random.default_rng(0).uniform(-1, 1, (24, 24, 3))
-        decode = lambda z: decode_latents(sd, z)
         target = np.random.default_rng(1).uniform(-1, 1, (8, 8, 3))
+        vae = (sd.vae, sd.vae_scaling_factor)
         # a pixel-space leader keeps the explicit reference cheap; its Hessian runs through the VAE
         # and, via x0|t, the UNet
-        pixels = zm.condition("pixels", lambda z: jnp.mean((decode(z) - target) ** 2), zm.freedom_rule(2.0))
-        style = zm.condition("style", lambda z: clip_style_energy(clip, style_ref)(decode(z)),
-                             zm.norm_relative_rule(0.5))
-        yield sd, eps_fn, pixels, style
+        pixels = zm.condition("pixels", zm.static_partial(pixels_energy, *vae), zm.freedom_rule(2.0),
+                              (sd.vae_params, jnp.asarray(target)))
+        style = zm.condition("style", zm.static_partial(style_energy, *vae), zm.norm_relative_rule(0.5),
+                             (sd.vae_params, clip_style_energy(clip, style_ref)))
+        yield sd, den, pixels, style
 
 
 # XLA's optimising CPU compile of these double-differentiated graphs takes minutes; without the
@@ -56,14 +73,12 @@ def _compile(fn, *args):
 
 
 def _context(sampler, sd, index=45):
-    grid = zm.timestep_grid(1000, 100)
-    ctx = jax.tree.map(lambda a: a[index], zm.step_contexts(sd.schedule, grid))
-    ctx = ctx._replace(alpha_bar=jnp.float64(ctx.alpha_bar), alpha_bar_next=jnp.float64(ctx.alpha_bar_next))
-    return ctx._replace(score_coef=jnp.float64(sampler.score_coef(ctx)))
+    ctx = zm.step_context(sd.schedule, zm.timestep_grid(1000, 100), index, jnp.float64)
+    return ctx._replace(score_coef=sampler.score_coef(ctx))
 
 
-def _x0(eps_fn, x, ctx):
-    return zm.x0_from_eps(x, eps_fn(x, ctx.t), ctx.alpha_bar)
+def _energy(c, den, x, ctx):
+    return c.energy(c.params, zm.x0_from_eps(x, den(x, ctx.t), ctx.alpha_bar))
 
 
 # The two-condition variant (its Hessian through VAE and UNet) takes ~4 min to compile on 2 cores;
@@ -76,33 +91,33 @@ def test_term_two_through_unet_vae_clip_equals_explicit_jacobian(latent_setup, l
     """``leader="pixels"``: Algorithm 1 with a decoded-image energy first (its Hessian enters term II);
     ``"model"``: the CFG prompt leads (the paper's SD text + style setting)."""
     with jax.experimental.enable_x64():
-        sd, eps_fn, pixels, style = latent_setup
+        sd, den, pixels, style = latent_setup
         sampler = zm.ddpm_posterior()
         ctx = _context(sampler, sd)
         x = jax.random.normal(jax.random.PRNGKey(1), (4, 4, 4), jnp.float64)  # 64 latent dimensions
         noise = sampler.noise_std(ctx) * jax.random.normal(jax.random.PRNGKey(2), x.shape, jnp.float64)
-        if leader == "pixels":
-            rho1 = pixels.rule.rho(ctx, None, None, None)  # freedom_rule: sqrt(ab_t) * scale
-            lead = lambda y: -rho1 * jax.grad(lambda z: pixels.energy(_x0(eps_fn, z, ctx)))(y)
-            scheme = zm.dependent([pixels, style])
-        else:
-            lead = jnp.zeros_like
-            scheme = zm.dependent([style])
-        xhat_fn = lambda y: sampler.mean(y, eps_fn(y, ctx.t), ctx) + lead(y) + noise
+        scheme = zm.dependent([pixels, style]) if leader == "pixels" else zm.dependent([style])
+        rho1 = pixels.rule.rho(ctx, None, None, None)  # freedom_rule: sqrt(ab_t) * scale
 
-        def reference(y):
+        def reference(den, pixels, style, y):
+            if leader == "pixels":
+                lead = lambda v: -rho1 * jax.grad(lambda z: _energy(pixels, den, z, ctx))(v)
+            else:
+                lead = jnp.zeros_like
+            xhat_fn = lambda v: sampler.mean(v, den(v, ctx.t), ctx) + lead(v) + noise
             jac = jax.jacfwd(lambda v: xhat_fn(v.reshape(x.shape)).reshape(-1))(y.reshape(-1))
             xhat = xhat_fn(y)
-            g2 = jax.grad(lambda z: style.energy(_x0(eps_fn, z, ctx)))(xhat)
-            gh = -style.rule.rho(ctx, eps_fn(xhat, ctx.t), g2, xhat) * g2
+            g2 = jax.grad(lambda z: _energy(style, den, z, ctx))(xhat)
+            gh = -style.rule.rho(ctx, den(xhat, ctx.t), g2, xhat) * g2
             return lead(y) + (jac.T @ gh.reshape(-1)).reshape(x.shape)
 
-        def schemes(y):
-            return (zm.direction(scheme, eps_fn, sampler, y, ctx, noise),
-                    zm.direction(zm.independent(scheme.conditions), eps_fn, sampler, y, ctx, noise)[1])
+        def schemes(den, scheme, y):
+            return (zm.direction(y, ctx, noise, scheme=scheme, denoiser=den, sampler=sampler),
+                    zm.direction(y, ctx, noise, scheme=zm.independent(scheme.conditions), denoiser=den,
+                                 sampler=sampler)[1])
 
-        expected = _compile(reference, x)(x)
-        (_, disp, info), indep = _compile(schemes, x)(x)
+        expected = _compile(reference, den, pixels, style, x)(den, pixels, style, x)
+        (_, disp, info), indep = _compile(schemes, den, scheme, x)(den, scheme, x)
         rel = float(jnp.linalg.norm(disp - expected) / jnp.linalg.norm(expected))
         assert rel < 1e-6, rel
         assert bool(info.finite.all())

@@ -12,11 +12,12 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
+import zmagic_jax as zm  # noqa: E402
 from zmagic_jax.models import (  # noqa: E402
     decode_latents,
     encode_prompt,
-    latent_cfg_correction_fn,
-    latent_eps_fn,
+    latent_cfg_correction,
+    latent_denoiser,
     load_stable_diffusion,
 )
 
@@ -51,15 +52,18 @@ def _compile(fn, *args):
     return jax.jit(fn).lower(*args).compile(compiler_options=_FAST_COMPILE)
 
 
+def _denoise(den, x, t):
+    return den(x, t)
+
+
 @pytest.fixture(scope="module")
 def guided_eps(sd):
-    """``latent_eps_fn`` with the embeddings and scale as arguments, compiled once for all tests."""
+    """``latent_denoiser`` compiled once for all tests: weights, embeddings and scale are its params."""
     emb = jnp.zeros((77, 32), jnp.float32)
-    compiled = _compile(lambda x, t, cond, uncond, w: latent_eps_fn(sd, cond, uncond, w)(x, t),
-                        jnp.zeros((4, 8, 8), jnp.float32), jnp.int32(0), emb, emb,
-                        jnp.float32(1.0))
-    return lambda x, t, cond, uncond, w: compiled(
-        jnp.asarray(x), jnp.int32(t), jnp.asarray(cond), jnp.asarray(uncond), jnp.float32(w))
+    compiled = _compile(_denoise, latent_denoiser(sd, emb, emb, jnp.float32(1.0)), jnp.zeros((4, 8, 8), jnp.float32),
+                        jnp.int32(0))
+    return lambda x, t, cond, uncond, w: compiled(latent_denoiser(sd, cond, uncond, jnp.float32(w)), jnp.asarray(x),
+                                                  jnp.int32(t))
 
 
 def _torch_unet(tiny_sd, x, t, emb):
@@ -103,7 +107,7 @@ def test_other_formats_load_same_parameters(sd, tiny_sd, fmt):
     np.testing.assert_array_equal(other.schedule.alphas_cumprod, sd.schedule.alphas_cumprod)
 
 
-def test_latent_eps_fn_is_cfg_of_two_pytorch_calls(sd, tiny_sd, guided_eps):
+def test_latent_denoiser_is_cfg_of_two_pytorch_calls(sd, tiny_sd, guided_eps):
     emb = np.asarray(encode_prompt(sd, ["lower newer", ""]))
     # Float32 UNet differences (~1e-5) are amplified by 2w + 1 in the guided output, so a
     # moderate w keeps the 1e-4 bound meaningful.
@@ -112,21 +116,25 @@ def test_latent_eps_fn_is_cfg_of_two_pytorch_calls(sd, tiny_sd, guided_eps):
     eps_c, eps_u = _torch_unet(tiny_sd, x, t, emb[0]), _torch_unet(tiny_sd, x, t, emb[1])
     assert eps.shape == x.shape
     assert _rel_err(eps, eps_u + w * (eps_c - eps_u)) < 1e-4
-    correction = _compile(lambda x: latent_cfg_correction_fn(sd, emb[0], emb[1], w)(x, t), x)(x)
+    correction = latent_cfg_correction(sd, emb[0], emb[1], w)
+    correction = _compile(_denoise, correction, x, jnp.int32(t))(correction, x, jnp.int32(t))
     assert _rel_err(correction, w * (eps_c - eps_u)) < 1e-3  # a difference: relative error grows
+
+
+def _decoded_tweedie_loss(sd, remat=False):
+    """``|D(x0|t(x))|^2`` at t = 600: the path of latent guidance methods (Tweedie, then the decoder)."""
+    def loss(den, x):
+        ab = zm.alpha_bar(sd.schedule, 600, x.dtype)
+        x0 = (x - jnp.sqrt(1 - ab) * den(x, 600)) / jnp.sqrt(ab)
+        return jnp.sum(decode_latents(sd, x0, remat=remat) ** 2)
+    return loss
 
 
 def test_gradient_through_eps_and_decoder_is_finite(sd):
     emb = encode_prompt(sd, ["lowest", ""])
-    eps_fn = latent_eps_fn(sd, emb[0], emb[1], 3.0)
-    ab = sd.schedule.alphas_cumprod[600]
-
-    def loss(x):  # Tweedie x0 estimate, decoded: the path of latent guidance methods
-        x0 = (x - jnp.sqrt(1 - ab) * eps_fn(x, 600)) / jnp.sqrt(ab)
-        return jnp.sum(decode_latents(sd, x0) ** 2)
-
+    den = latent_denoiser(sd, emb[0], emb[1], 3.0)
     x = jnp.asarray(_latent(3))
-    g = _compile(jax.grad(loss), x)(x)
+    g = _compile(jax.grad(_decoded_tweedie_loss(sd), argnums=1), den, x)(den, x)
     assert g.shape == (4, 8, 8)
     assert np.all(np.isfinite(g)) and float(jnp.max(jnp.abs(g))) > 0
 
@@ -141,12 +149,15 @@ def test_input_validation(sd):
     emb = np.zeros((77, 32), np.float32)
     with pytest.raises(ValueError, match="prompts"):
         encode_prompt(sd, "a string, not a list")
-    with pytest.raises(ValueError, match="prompt_embeds"):
-        latent_eps_fn(sd, emb[:, :16], emb[:, :16], 1.0)
-    with pytest.raises(ValueError, match="uncond_embeds"):
-        latent_eps_fn(sd, emb, emb[:10], 1.0)
-    with pytest.raises(ValueError, match="x must be"):
-        latent_eps_fn(sd, emb, emb, 1.0)(jnp.zeros((8, 8, 4)), 10)
+    for make in (latent_denoiser, latent_cfg_correction):
+        with pytest.raises(ValueError, match=f"{make.__name__}: prompt_embeds"):
+            make(sd, emb[:, :16], emb[:, :16], 1.0)
+        with pytest.raises(ValueError, match=f"{make.__name__}: uncond_embeds"):
+            make(sd, emb, emb[:10], 1.0)
+        with pytest.raises(ValueError, match=f"{make.__name__}: guidance_scale"):
+            make(sd, emb, emb, np.ones(2))
+        with pytest.raises(ValueError, match="x must be"):
+            make(sd, emb, emb, 1.0)(jnp.zeros((8, 8, 4)), 10)
     with pytest.raises(ValueError, match="latents"):
         decode_latents(sd, jnp.zeros((8, 8, 4)))
 
@@ -203,20 +214,26 @@ def test_unsupported_config_is_rejected(sd_copy, config_path, key, value):
         load_stable_diffusion(sd_copy)
 
 
-def _guided_outputs(sd, emb, remat):
+def _guided_outputs(sd, remat):
     """eps, CFG correction, decoded image and the gradient of a decoded-Tweedie loss, all with
     the networks under ``remat``."""
-    eps_fn = latent_eps_fn(sd, emb[0], emb[1], 3.0, remat=remat)
-    correction_fn = latent_cfg_correction_fn(sd, emb[0], emb[1], 3.0, remat=remat)
-    ab = sd.schedule.alphas_cumprod[600]
+    loss = _decoded_tweedie_loss(sd, remat)
 
-    def loss(x):
-        x0 = (x - jnp.sqrt(1 - ab) * eps_fn(x, 600)) / jnp.sqrt(ab)
-        return jnp.sum(decode_latents(sd, x0, remat=remat) ** 2)
-
-    def outputs(x):
-        return eps_fn(x, 600), correction_fn(x, 600), decode_latents(sd, x, remat=remat), jax.grad(loss)(x)
+    def outputs(den, correction, x):
+        return (den(x, 600), correction(x, 600), decode_latents(sd, x, remat=remat),
+                jax.grad(loss, argnums=1)(den, x))
     return outputs
+
+
+def _all_eqns(jaxpr):
+    """Every equation of a jaxpr, inside nested jaxprs (pjit, scan, cond, custom_vjp) as well."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _all_eqns(inner)
 
 
 def test_remat_gives_the_same_values_and_gradients(tiny_sd, x64):
@@ -225,20 +242,32 @@ def test_remat_gives_the_same_values_and_gradients(tiny_sd, x64):
     sd = load_stable_diffusion(tiny_sd["pt"], dtype=jnp.float64)
     emb = encode_prompt(sd, ["lowest", ""])
     x = jnp.asarray(_latent(4), jnp.float64)
-    plain = _compile(_guided_outputs(sd, emb, False), x)(x)
+
+    def run(remat):
+        args = (latent_denoiser(sd, emb[0], emb[1], 3.0, remat=remat),
+                latent_cfg_correction(sd, emb[0], emb[1], 3.0, remat=remat), x)
+        return _compile(_guided_outputs(sd, remat), *args)(*args)
+
+    plain = run(False)
     assert plain[3].dtype == jnp.float64 and float(jnp.max(jnp.abs(plain[3]))) > 0
-    for remat in (True, "dots_saveable"):
-        checkpointed = _compile(_guided_outputs(sd, emb, remat), x)(x)
-        for a, b in zip(checkpointed, plain):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    # remat=True compiled against plain; a named policy is the same jax.checkpoint with that policy
+    # (checked in the traced program: compiling it again would check XLA, not this library)
+    for a, b in zip(run(True), plain):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    for remat, policy in ((True, None), ("dots_saveable", jax.checkpoint_policies.dots_saveable)):
+        args = (latent_denoiser(sd, emb[0], emb[1], 3.0, remat=remat),
+                latent_cfg_correction(sd, emb[0], emb[1], 3.0, remat=remat), x)
+        jaxpr = jax.make_jaxpr(_guided_outputs(sd, remat))(*args)
+        found = [e.params["policy"] for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name.startswith(("checkpoint", "remat"))]
+        assert len(found) >= 3 and all(p is policy for p in found), (remat, found)  # UNet, correction, VAE
 
 
 @pytest.mark.parametrize("remat", ["bogus_policy", 1, None, "save_only_these_names"])
 def test_bad_remat_is_rejected(sd, remat):
     emb = np.zeros((77, 32), np.float32)
-    with pytest.raises(ValueError, match="latent_eps_fn: remat"):
-        latent_eps_fn(sd, emb, emb, 1.0, remat=remat)
-    with pytest.raises(ValueError, match="latent_cfg_correction_fn: remat"):
-        latent_cfg_correction_fn(sd, emb, emb, 1.0, remat=remat)
+    with pytest.raises(ValueError, match="latent_denoiser: remat"):
+        latent_denoiser(sd, emb, emb, 1.0, remat=remat)
+    with pytest.raises(ValueError, match="latent_cfg_correction: remat"):
+        latent_cfg_correction(sd, emb, emb, 1.0, remat=remat)
     with pytest.raises(ValueError, match="decode_latents: remat"):
         decode_latents(sd, jnp.zeros((4, 8, 8)), remat=remat)

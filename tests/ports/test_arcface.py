@@ -11,7 +11,7 @@ from zmagic_jax.ports._arcface import ARCFACE, convert_arcface, load_arcface
 from zmagic_jax.ports._checkpoint import CheckpointMismatchError, convert_file, save_params
 
 torch = pytest.importorskip("torch")
-from tests.ports.torch_arcface import TorchArcFace, randomize_  # noqa: E402
+from ports.torch_arcface import TorchArcFace, randomize_  # noqa: E402
 
 # Shortcuts by max-pool (stride 2 and 1) and by conv, SE, the NCHW-flatten head; small enough to be quick.
 TINY = dict(stage_units=(1, 2, 1, 1), widths=(16, 32, 32, 64), input_size=32, embedding_size=24)

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from torch_bisenet import BiSeNet as TorchBiSeNet  # noqa: E402
+from ports.torch_bisenet import BiSeNet as TorchBiSeNet  # noqa: E402
 
 from zmagic_jax.energies._image import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from zmagic_jax.models._bisenet import (  # noqa: E402

@@ -9,12 +9,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from zmagic_jax.checkpoint_io import read_torch_checkpoint  # noqa: E402
 from zmagic_jax.ports._checkpoint import (  # noqa: E402
     CheckpointMismatchError,
     StateDict,
     batchnorm_affine,
     conv_kernel,
-    read_torch_checkpoint,
     state_dict_of,
 )
 from zmagic_jax.ports._mtcnn import installed_onet_path  # noqa: E402

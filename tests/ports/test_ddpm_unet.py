@@ -9,14 +9,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
-from tests.ports.torch_ddpm_unet import Model, randomize_  # noqa: E402
+from ports.torch_ddpm_unet import Model, randomize_  # noqa: E402
 from zmagic_jax.models._ddpm_unet import (  # noqa: E402
     DDPM_CELEBA_HQ,
     DDPMUNet,
     DDPMUNetConfig,
     _Downsample,
     _Upsample,
-    ddpm_eps_fn,
+    ddpm_denoiser,
     timestep_embedding,
 )
 from zmagic_jax.ports._checkpoint import CheckpointMismatchError, save_params  # noqa: E402
@@ -99,13 +99,14 @@ def test_timestep_embedding_matches_ddpm_formula():
     np.testing.assert_allclose(timestep_embedding(jnp.asarray(t), 2 * half), expected, atol=2e-4)
 
 
-def test_eps_fn_matches_batched_call(tiny, tiny_apply):
+def test_denoiser_matches_batched_call(tiny, tiny_apply):
     model, sd = tiny
-    module, params = DDPMUNet(TINY), convert_ddpm_unet(sd, TINY)
+    denoiser = ddpm_denoiser(DDPMUNet(TINY), convert_ddpm_unet(sd, TINY))
     x, t = _inputs(TINY, [990, 0])
-    batched = np.asarray(tiny_apply({"params": params}, x, t))
-    # One sample and a scalar t per call, the denoiser contract: the scalar is broadcast to the batch of one.
-    per_sample = jax.jit(jax.vmap(ddpm_eps_fn(module, params)))(x, t)
+    batched = np.asarray(tiny_apply({"params": denoiser.params}, x, t))
+    # One sample and a scalar t per call, the denoiser contract: the scalar is broadcast to the batch of one;
+    # the params are an argument of the compiled function.
+    per_sample = jax.jit(jax.vmap(denoiser.apply, in_axes=(None, 0, 0)))(denoiser.params, x, t)
     assert per_sample.shape == x.shape
     assert _rel_err(per_sample, batched) < 1e-5
     assert _rel_err(per_sample, _torch_eps(model, x, t)) < 1e-4

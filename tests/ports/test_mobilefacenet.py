@@ -11,8 +11,8 @@ from zmagic_jax.ports._checkpoint import CheckpointMismatchError, convert_file, 
 from zmagic_jax.ports._mobilefacenet import MOBILEFACENET, convert_mobilefacenet, load_mobilefacenet
 
 torch = pytest.importorskip("torch")
-from tests.ports.torch_arcface import randomize_  # noqa: E402
-from tests.ports.torch_mobilefacenet import TorchMobileFaceNet  # noqa: E402
+from ports.torch_arcface import randomize_  # noqa: E402
+from ports.torch_mobilefacenet import TorchMobileFaceNet  # noqa: E402
 
 F = torch.nn.functional
 TINY = dict(input_size=32, widths=(8, 16, 32), expansions=(16, 16, 32, 32, 32, 32), residual_units=(1, 2, 1),

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tests.ports.torch_mtcnn import TorchONet, randomize_  # noqa: E402
+from ports.torch_mtcnn import TorchONet, from_config, randomize_  # noqa: E402
 from zmagic_jax.models._mtcnn import ONet, ONetConfig, onet_landmarks, onet_preprocess  # noqa: E402
 from zmagic_jax.ports._checkpoint import CheckpointMismatchError, save_params  # noqa: E402
 from zmagic_jax.ports._mtcnn import convert_onet, installed_onet_path, load_onet  # noqa: E402
@@ -152,8 +152,7 @@ def test_preprocess_rejects_box_outside_image():
 @pytest.mark.parametrize("config", [ONetConfig(), ONetConfig(widths=(4, 8, 8, 16), hidden=16, input_size=26)])
 def test_random_weights_roundtrip_parity(tmp_path, config):
     """Random torch weights -> torch.save -> load_onet, and -> save_params -> .safetensors -> load_onet."""
-    feature = {48: 3, 26: 1}[config.input_size]
-    net = randomize_(TorchONet(config.widths, config.hidden, feature), seed=config.input_size).eval()
+    net = randomize_(from_config(config), seed=config.input_size).eval()
     torch.save(net.state_dict(), tmp_path / "onet.pth")
     module, params = load_onet(tmp_path / "onet.pth", config)
     save_params(tmp_path / "onet.safetensors", params)

@@ -2,8 +2,9 @@
 unguided model makes digits, class guidance works, every scheme runs, the demo writes its outputs,
 and a damaged weight file stops everything with a clear error.
 
-All tests share one pytest-xdist worker (``xdist_group``) so the four compiled programs (one per
-scheme, ``tasks._digits._COMPILED``) are built once for the module, the CLI demo included.
+All tests share one pytest-xdist worker (``xdist_group``, with tests/test_cli.py, whose testbed
+settings the demo test here reuses) and session-scoped fixtures, so the four compiled programs
+(one per scheme, in the process-wide ``tasks._recipe.PROGRAMS``) are built once.
 """
 import json
 import shutil
@@ -13,14 +14,14 @@ import numpy as np
 import pytest
 
 from zmagic_jax import cli
-from zmagic_jax.models import _digits as digits_models
-from zmagic_jax.models._digits import AssetChecksumError, load_digit_models
+from zmagic_jax.ports import _digits as digits_models
+from zmagic_jax.ports import AssetChecksumError, load_digit_models
 from zmagic_jax.ports import load_ddpm_unet
-from zmagic_jax.tasks import _digits as digits_task
+from zmagic_jax.tasks._recipe import PROGRAMS, sample_seeds
 from zmagic_jax.tasks._digits import (DEFAULT_RUNS, DIGIT_SCHEMES, DigitSettings, check_run, digit_scores,
-                                      run_digits, run_label, sample_digits, save_digits)
+                                      run_digits, run_label, sample_digits)
 
-pytestmark = pytest.mark.xdist_group("digits")
+pytestmark = pytest.mark.xdist_group("demo")
 
 SEEDS = tuple(range(6))  # the demo default: the CLI test reuses the compiled programs
 # Measured on the committed weights: 200 unguided samples of 50 DDPM steps (experiments/results/
@@ -32,12 +33,12 @@ AGREEMENT_FLOOR = 0.4    # fraction where the evaluator and the guidance classif
 HELDOUT_ACCURACY_FLOOR = 0.95
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def models():
     return load_digit_models()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def result(models):
     return run_digits(models, DigitSettings(seeds=SEEDS))
 
@@ -123,9 +124,9 @@ def test_every_scheme_runs_and_is_scored(models, result):
     assert not np.allclose(a.images, b.images)
     # layout guidance moves ink onto the mask
     assert result.scores["independent class+layout"]["layout_iou"].mean() > result.scores["none"]["layout_iou"].mean()
-    # one compiled program per scheme serves every pair and order
-    keys = [key for key in digits_task._COMPILED if key[0][-1] == len(SEEDS) and key[0][0] in DIGIT_SCHEMES]
-    assert sorted(key[0][0] for key in keys) == sorted(DIGIT_SCHEMES)
+    # one compiled program per scheme serves every pair and order (the keys are the first argument)
+    keys = [key for key in PROGRAMS.compiled(sample_seeds) if key[2][0][0] == (len(SEEDS), 2)]
+    assert len(keys) == len(DIGIT_SCHEMES), keys
 
 
 def test_bad_runs_and_settings_are_refused(models):
@@ -139,10 +140,21 @@ def test_bad_runs_and_settings_are_refused(models):
         sample_digits(models, DigitSettings(layout_source=900, seeds=SEEDS), "none", ("class",))
 
 
-def test_demo_writes_the_digits_outputs(models, result, tmp_path, capsys):
+def test_demo_writes_the_digits_outputs(models, result, tmp_path, capsys, monkeypatch):
+    """The demo's digits part: the CLI asks run_digits for the demo's settings (the runs themselves
+    are the session's ``result``, checked above) and writes every output in the same folder as the
+    testbed part (whose settings are tests/test_cli.py's, so its programs are compiled once)."""
+    import zmagic_jax.tasks._digits as digits_task
+    asked = []
+
+    def cached_run(models_, settings, runs=DEFAULT_RUNS, **kwargs):
+        asked.append((settings, tuple(runs)))
+        return result
+    monkeypatch.setattr(digits_task, "run_digits", cached_run)
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--out", str(out), "--dims", "2", "--samples", "16", "--steps", "4",
+    assert cli.main(["demo", "--out", str(out), "--dims", "2", "--samples", "32", "--steps", "10",
                      "--digit-seeds", str(len(SEEDS))]) == 0
+    assert asked == [(DigitSettings(seeds=SEEDS), DEFAULT_RUNS)]
     digits = out / "digits"
     labels = [run_label(s, c) for s, c in DEFAULT_RUNS]
     names = {p.name for p in digits.iterdir()}
@@ -157,9 +169,6 @@ def test_demo_writes_the_digits_outputs(models, result, tmp_path, capsys):
         assert set(run["mean"]) == set(run["std"]) == {"class_accuracy", "class_probability", "layout_iou",
                                                         "style_distance", "ink_gap"}
     assert report["frechet_floor"]["class"]["mean"] > 0 and "unet" in report["models"]
-    # same seeds, same images as the library call
-    first = np.asarray(save_digits(tmp_path / "again", result, models)["runs"]["none"]["mean"]["layout_iou"])
-    assert np.isclose(first, report["runs"]["none"]["mean"]["layout_iou"])
     table = capsys.readouterr().out
     assert "dependent layout->class" in table and "FD class" in table
     assert (out / "report.json").exists()  # the testbed part is still there

@@ -19,9 +19,12 @@ from zmagic_jax.tasks import FaceReferences, FaceSettings, load_face_models, run
 
 RESOLUTION = 16
 STEPS = 2  # grid t = 500, 0: the first step is inside every condition's window (t > stop)
+# One seed, two steps of tiny networks: running takes milliseconds, so the programs compile without
+# XLA's expensive passes (a third of the compile time; same graph, same dtype).
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     from experiments.tiny_models import save_tiny_face_models
     root = tmp_path_factory.mktemp("tiny_face")
@@ -36,7 +39,7 @@ def tiny(tmp_path_factory):
     return models, paths, reference, root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def id_landmarks_runs(tiny):
     models, _, reference, _ = tiny
     settings = FaceSettings(task="id_landmarks", num_steps=STEPS, seeds=(0,))
@@ -44,7 +47,7 @@ def id_landmarks_runs(tiny):
     if os.environ.get("ZMAGIC_SLOW_TESTS"):
         runs.append(("dependent", (1, 0)))
     references = FaceReferences(identity=reference, parsing=reference, landmarks=reference)
-    return run_faces(models, settings, references, runs), references
+    return run_faces(models, settings, references, runs, compiler_options=FAST), references
 
 
 def test_every_scheme_runs_end_to_end_with_finite_guidance(id_landmarks_runs, tmp_path):
@@ -60,7 +63,11 @@ def test_every_scheme_runs_end_to_end_with_finite_guidance(id_landmarks_runs, tm
             assert not trace.guided.any()
             continue
         assert trace.guided[0].tolist() == [True, False]  # guided for t > stop only
-        norms = trace.displacement_norms[0, 0]
+        if samples.scheme == "dependent":  # what each condition contributes: the leader's d, the follower's term II
+            leader, follower = samples.order
+            norms = np.array([trace.displacement_norms[0, 0, leader], trace.term2_norms[0, 0, leader, follower]])
+        else:
+            norms = trace.displacement_norms[0, 0]
         assert np.all(np.isfinite(norms)) and np.all(norms > 0), (label, norms)
         assert np.max(np.abs(samples.images - plain)) > 1e-4, label
         for values in result.metrics[label].values():
@@ -170,8 +177,13 @@ def test_cli_face_errors_name_the_flag(tiny, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_face_tables_protocol_runs_on_tiny_models(tiny, tmp_path):
+def test_face_tables_protocol_runs_on_tiny_models(tiny, tmp_path, monkeypatch):
+    from experiments import face_tables
     from experiments.face_tables import markdown_table, run_protocol
+
+    def shared(*args, **kwargs):  # the programs id_landmarks_runs compiled
+        return run_faces(*args, compiler_options=FAST, **kwargs)
+    monkeypatch.setattr(face_tables, "run_faces", shared)
     models, _, reference, _ = tiny
     settings = FaceSettings(task="id_landmarks", num_steps=STEPS, seeds=(0,))
     references = [reference, np.flip(reference, axis=0).copy()]

@@ -4,6 +4,7 @@ Stable Diffusion and CLIP (6 steps; guidance on t = 664, 498, 332).
 Every compiled program is built once (module-scoped cache, shared with the CLI and the experiment
 script, whose weights and settings are the same) and compiled without XLA's expensive passes."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from zmagic_jax import cli
 from zmagic_jax.tasks import (TEXT_STYLE_SCHEMES, TextStyleSettings, load_text_style_models, run_text_style,
                               sample_text_style)
 from zmagic_jax.tasks import _text_style
+from zmagic_jax.tasks._recipe import Programs, contribution_norms
 
 pytest.importorskip("torch")
 
@@ -26,7 +28,7 @@ STEPS, TRAVEL = 6, 1
 GUIDED_T = [664, 498, 332]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def style_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("style") / "style.png"
     rng = np.random.default_rng(0)
@@ -34,33 +36,41 @@ def style_path(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def setup(tiny_sd_dirs, tiny_clip_dirs, style_path):
     models = load_text_style_models(tiny_sd_dirs["flax"], tiny_clip_dirs["flax"])
     settings = TextStyleSettings(prompt="lower newer", clip_prompt="a cat", style_image=str(style_path),
                                  num_steps=STEPS, time_travel_repeats=TRAVEL)
-    return models, settings, {}
+    return models, settings, Programs()
 
 
-@pytest.fixture(scope="module")
+# ``multi`` guides CLIP text and style and differentiates twice through UNet, VAE and CLIP for both
+# energies: tracing and compiling it takes ~1.5 min of the suite's ~5, so its end-to-end run is a slow
+# variant. Fast tests cover its parts: test_scheme_conditions (the recipe builds Multi over text and
+# style), test_text_condition_is_the_clip_text_distance_of_the_decoded_latent (the text energy and
+# its gradient), tests/schemes/test_dependent.py (Multi = CAGrad over every ordered pair) and
+# tests/models/test_latent_dependent.py (term II through UNet + VAE + CLIP).
+SCHEMES = TEXT_STYLE_SCHEMES if os.environ.get("ZMAGIC_SLOW_TESTS") else ("none", "independent", "dependent")
+
+
+@pytest.fixture(scope="session")
 def runs(setup):
-    """Every scheme on seed 0 (``multi`` guides CLIP text and style; it differentiates twice through
-    UNet, VAE and CLIP for two energies, and compiling it takes ~2-3 min on 2 CPU cores)."""
-    models, settings, cache = setup
-    return {scheme: sample_text_style(models, settings, scheme, cache=cache, compiler_options=FAST)
-            for scheme in TEXT_STYLE_SCHEMES}
+    """The schemes of ``SCHEMES`` on seed 0."""
+    models, settings, programs = setup
+    return {scheme: sample_text_style(models, settings, scheme, programs=programs, compiler_options=FAST)
+            for scheme in SCHEMES}
 
 
 @pytest.fixture
 def fast_cli(setup, monkeypatch):
     """The CLI and the experiment script, sharing the module's compiled programs."""
-    _, _, cache = setup
+    _, _, programs = setup
     original = _text_style.sample_text_style
 
-    def shared(*args, cache=None, compiler_options=None, **kwargs):
-        return original(*args, cache=setup[2], compiler_options=FAST, **kwargs)
+    def shared(*args, programs=None, compiler_options=None, **kwargs):
+        return original(*args, programs=setup[2], compiler_options=FAST, **kwargs)
     monkeypatch.setattr(_text_style, "sample_text_style", shared)
-    return cache
+    return programs
 
 
 def test_every_scheme_end_to_end(runs):
@@ -73,7 +83,7 @@ def test_every_scheme_end_to_end(runs):
             assert not guided.any()
             continue
         assert r.t[guided].tolist() == GUIDED_T, scheme
-        norms = r.trace.displacement_norms[0]
+        norms = contribution_norms(r.trace, scheme)[0]  # model-led dependent: term II of the style
         assert np.all(np.isfinite(norms)) and np.all(norms[guided] > 0) and np.all(norms[~guided] == 0), scheme
     assert runs["dependent"].condition_names == ("style",)
     # Guidance changes the sample, and the dependent (pulled-back) term is not FreeDoM's gradient.
@@ -84,26 +94,22 @@ def test_every_scheme_end_to_end(runs):
     assert difference > 1e-3 * np.linalg.norm(runs["independent"].latents)
 
 
-def test_settings_reach_the_sampler(setup, monkeypatch):
-    """What the recipe hands ``zm.sample`` (traced with ``eval_shape``, nothing compiled): FreeDoM's
-    windows, time-travel, sampler, scheme and step rule."""
+def test_settings_reach_the_sampler(setup):
+    """What the recipe hands the sampling program (its arguments are data, nothing is traced):
+    FreeDoM's windows, time-travel, sampler, scheme and step rule."""
     import jax
 
     import zmagic_jax as zm
     models, settings, _ = setup
-    seen = {}
-
-    def fake_sample(key, x_T, eps_fn, schedule, grid, scheme, sampler, **kwargs):
-        seen.update(grid=grid, scheme=scheme, sampler=sampler, **kwargs)
-        return x_T, {"finite": jax.numpy.ones(x_T.shape[:1] + (grid.num_steps, 1), bool)}
-    monkeypatch.setattr(_text_style, "sample", fake_sample)
     settings = _text_style.dataclasses.replace(settings, num_steps=100, time_travel_repeats=3, scheme="independent")
-    run, grid = _text_style._program(models, settings, "independent")
-    jax.eval_shape(run, *_text_style._inputs(models, settings))
-    assert seen["time_travel"] == zm.time_travel(3, 699, 399) and seen["sampler"] == "ddpm_posterior"
-    assert isinstance(seen["scheme"], zm.schemes.Independent) and seen["scheme"].conditions[0].name == "style"
-    active = np.array([bool(seen["scheme"].conditions[0].rule.active(ctx)) for ctx in
-                       [jax.tree.map(lambda a: a[i], zm.step_contexts(models.sd.schedule, grid)) for i in range(100)]])
+    args, static, grid = _text_style._problem(models, settings, "independent", _text_style._inputs(models, settings))
+    keys, contexts, denoiser, scheme, sampler, travel, vae_params = args
+    assert travel == zm.time_travel(3, 699, 399) and sampler.name == "ddpm_posterior"
+    assert isinstance(scheme, zm.schemes.Independent) and scheme.conditions[0].name == "style"
+    assert isinstance(denoiser, zm.Denoiser) and float(denoiser.params["scale"]) == settings.cfg_scale
+    assert static["shape"] == (4, 8, 8) and keys.shape == (1, 2) and grid.num_steps == 100
+    active = np.array([bool(scheme.conditions[0].rule.active(jax.tree.map(lambda a: a[i], contexts)))
+                       for i in range(100)])
     assert np.flatnonzero(active).tolist() == list(range(30, 70))  # FreeDoM's DDIM indices 30 <= i < 70
 
 
@@ -114,7 +120,7 @@ def test_scheme_conditions(setup):
 
     _, settings, _ = setup
     rule = zm.freedom_rule(1.0)
-    conds = {name: zm.condition(name, lambda x: x.sum(), rule) for name in ("text", "style")}
+    conds = {name: zm.condition(name, lambda p, x: x.sum(), rule) for name in ("text", "style")}
     with_text = _text_style.dataclasses.replace(settings, text_guidance=True)
     for s, scheme, kind, names in [(settings, "none", zm.schemes.NoGuidance, ("style",)),
                                    (settings, "independent", zm.schemes.Independent, ("style",)),
@@ -126,10 +132,35 @@ def test_scheme_conditions(setup):
         assert isinstance(built, kind) and tuple(c.name for c in built.conditions) == names, (scheme, names)
 
 
+def test_text_condition_is_the_clip_text_distance_of_the_decoded_latent(setup):
+    """The text condition the recipe builds (used by ``multi`` and ``text_guidance``) is
+    ``1 - cos(CLIP image embedding of D(z), CLIP text embedding)``, and its gradient is finite and
+    equals the gradient of that formula built here from the public pieces."""
+    import jax
+    import jax.numpy as jnp
+
+    from zmagic_jax.energies import clip_text_distance, text_embedding
+    from zmagic_jax.models import decode_latents
+    models, settings, _ = setup
+    args, _, _ = _text_style._problem(models, settings, "multi", _text_style._inputs(models, settings))
+    text = {c.name: c for c in args[3].conditions}["text"]
+    z = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8))
+    embedding = text_embedding(models.clip, settings.measured_prompt)
+
+    def reference(z):
+        return clip_text_distance(models.clip, decode_latents(models.sd, z), embedding)
+
+    both = jax.jit(lambda p, z: (jax.value_and_grad(text.energy, argnums=1)(p, z), jax.value_and_grad(reference)(z)))
+    (value, grad), (ref_value, ref_grad) = both(text.params, z)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-6 * float(jnp.abs(ref_grad).max()))
+    assert 0 < float(value) < 2 and float(jnp.linalg.norm(grad)) > 0
+
+
 def test_run_gives_reference_and_metrics(setup, runs):
-    models, settings, cache = setup
+    models, settings, programs = setup
     labels = []
-    result = run_text_style(models, settings, cache=cache, compiler_options=FAST, progress=labels.append)
+    result = run_text_style(models, settings, programs=programs, compiler_options=FAST, progress=labels.append)
     assert labels == ["plain SD (content reference)", "dependent", "metrics"]
     # the same seed gives the same bits; the content reference is the plain CFG sample
     np.testing.assert_array_equal(result.guided.latents, runs["dependent"].latents)

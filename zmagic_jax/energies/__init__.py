@@ -13,6 +13,7 @@ from zmagic_jax.energies._image import (
 from zmagic_jax.energies._clip import (
     Clip,
     clip_content_energy,
+    clip_architecture,
     clip_content_loss,
     clip_image_input,
     clip_style_energy,
@@ -23,6 +24,7 @@ from zmagic_jax.energies._clip import (
     image_embedding,
     load_clip,
     text_embedding,
+    with_params,
 )
 from zmagic_jax.energies._face import (
     LANDMARK_NETS,

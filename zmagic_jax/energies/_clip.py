@@ -1,8 +1,9 @@
 """CLIP energies: text guidance and style guidance on the clean-image estimate ``x0``.
 
-All follow the library contract: ``energy(x0) -> scalar`` for ONE ``(H, W, 3)`` image in
-``[-1, 1]``, network parameters closed over, pure JAX (jit / vmap / grad friendly). Gradients are
-taken by the samplers, never in here.
+The energy constructors return an :class:`~zmagic_jax.Energy` ``(fn, params)`` for ONE
+``(H, W, 3)`` image in ``[-1, 1]``: the CLIP weights and the reference (text embedding, style Gram
+matrix, content features) are its params, arguments of the compiled program; pure JAX (jit /
+vmap / grad friendly). Gradients are taken by the schemes, never in here.
 
 * Text (FreeDoM: Yu et al., "FreeDoM: Training-Free Energy-Guided Conditional Diffusion Model",
   ICCV 2023): ``E(x0) = || e_T - e_I(x0) ||_2`` on the projected, *unnormalised* CLIP
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zmagic_jax.contracts import Energy, Keyed, static_partial
 from zmagic_jax.energies._image import CLIP_MEAN, CLIP_STD, gram_matrix, normalize_signed, resize_bicubic, safe_norm
 
 _FLAX_WEIGHTS = "flax_model.msgpack"
@@ -185,24 +187,40 @@ def text_embedding(clip: Clip, prompt: str):
     return features({"params": clip.params}, ids, np.ones_like(ids), positions)[0]
 
 
-def clip_text_energy(clip: Clip, prompt: str, mode: str = "freedom"):
+def clip_architecture(clip: Clip) -> Keyed:
+    """The static part of a :class:`Clip` (everything but its parameters), keyed by its config:
+    programs compiled for one loaded CLIP serve every other of the same architecture."""
+    return Keyed(clip._replace(params=None), (clip.model.config.to_json_string(), clip.image_size))
+
+
+def with_params(architecture, params) -> Clip:
+    """The :class:`Clip` of :func:`clip_architecture` (or a :class:`Clip`) with ``params``."""
+    clip = architecture.value if isinstance(architecture, Keyed) else architecture
+    return clip._replace(params=params)
+
+
+def _text_energy(arch, mode, params, x0):
+    weights, text = params
+    image = image_embedding(with_params(arch, weights), x0)
+    if mode == "freedom":
+        return safe_norm(text - image)
+    return 1.0 - jnp.dot(text, image) / (jnp.linalg.norm(text) * jnp.linalg.norm(image))
+
+
+def clip_text_energy(clip: Clip, prompt, mode: str = "freedom") -> Energy:
     """CLIP text energy of ``x0`` for ``prompt``, with ``e_T`` the text and ``e_I(x0)`` the image
     embedding (both projected, unnormalised):
 
     * ``mode="freedom"``: ``E(x0) = || e_T - e_I(x0) ||_2`` (FreeDoM's residual norm);
     * ``mode="cosine"``: ``E(x0) = 1 - <e_T, e_I(x0)> / (|e_T| |e_I(x0)|)`` (Z-Magic's text
       distance, insensitive to the embedding scale).
+
+    ``prompt`` is a string or its :func:`text_embedding`; params ``(clip.params, e_T)``.
     """
     if mode not in ("freedom", "cosine"):
         raise ValueError(f"clip_text_energy: mode must be 'freedom' or 'cosine'; got {mode!r}.")
-    text = text_embedding(clip, prompt)
-
-    def energy(x0):
-        image = image_embedding(clip, x0)
-        if mode == "freedom":
-            return safe_norm(text - image)
-        return 1.0 - jnp.dot(text, image) / (jnp.linalg.norm(text) * jnp.linalg.norm(image))
-    return energy
+    text = text_embedding(clip, prompt) if isinstance(prompt, str) else jnp.asarray(prompt)
+    return Energy(static_partial(_text_energy, clip_architecture(clip), mode), (clip.params, text))
 
 
 def clip_style_features(clip: Clip, image, layer: int = 3):
@@ -227,13 +245,17 @@ def clip_style_energy(clip: Clip, style_image, layer: int = 3):
     OpenAI's CLIP, which is ``hidden_states[3]`` in transformers' numbering (``hidden_states[0]``
     is the embedding output); ``layer`` is that ``hidden_states`` index, 3 by default. The
     reference ``style_image`` is a ``[-1, 1]`` ``(H, W, 3)`` array; its Gram matrix is computed
-    once, here.
+    once, here; params ``(clip.params, reference Gram matrix)``.
     """
-    reference = jax.jit(lambda image: gram_matrix(clip_style_features(clip, image, layer)))(style_image)
+    layer = _check_layer(clip, layer, "clip_style_energy")
+    reference = jax.jit(lambda params, image: gram_matrix(clip_style_features(with_params(clip, params), image, layer)))(
+        clip.params, style_image)
+    return Energy(static_partial(_style_energy, clip_architecture(clip), layer), (clip.params, reference))
 
-    def energy(x0):
-        return safe_norm(gram_matrix(clip_style_features(clip, x0, layer)) - reference)
-    return energy
+
+def _style_energy(arch, layer, params, x0):
+    weights, reference = params
+    return safe_norm(gram_matrix(clip_style_features(with_params(arch, weights), x0, layer)) - reference)
 
 
 def _check_layer(clip: Clip, layer, who: str) -> int:
@@ -259,13 +281,17 @@ def clip_content_loss(clip: Clip, image, content_image, layer: int):
 
 def clip_content_energy(clip: Clip, content_image, layer: int):
     """``E(x0) = clip_content_loss(x0, content_image)``, the reference features computed once
-    here (see :func:`clip_content_loss`; a CLIP stand-in for the usual VGG content loss)."""
+    here (see :func:`clip_content_loss`; a CLIP stand-in for the usual VGG content loss); params
+    ``(clip.params, reference features)``."""
     layer = _check_layer(clip, layer, "clip_content_energy")
-    reference = jax.jit(lambda image: clip_style_features(clip, image, layer))(content_image)
+    reference = jax.jit(lambda params, image: clip_style_features(with_params(clip, params), image, layer))(
+        clip.params, content_image)
+    return Energy(static_partial(_content_energy, clip_architecture(clip), layer), (clip.params, reference))
 
-    def energy(x0):
-        return jnp.mean(jnp.square(clip_style_features(clip, x0, layer) - reference))
-    return energy
+
+def _content_energy(arch, layer, params, x0):
+    weights, reference = params
+    return jnp.mean(jnp.square(clip_style_features(with_params(arch, weights), x0, layer) - reference))
 
 
 def clip_style_loss(clip: Clip, image, style_image, layer: int = 3):

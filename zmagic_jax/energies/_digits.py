@@ -1,7 +1,9 @@
 """Energies and evaluator scores of the embedded digits task (``zmagic_jax.models._digits``).
 
-Every function takes ONE image ``x0 (H, W, 1)`` in ``[-1, 1]`` (vmap for batches); targets may be
-traced, so one compiled program serves every target.
+Every function takes ONE image ``x0 (H, W, 1)`` in ``[-1, 1]`` (vmap for batches). The energy
+constructors return an :class:`~zmagic_jax.Energy` whose params hold the network weights and the
+target (label, mask, reference Gram matrices): both may be traced, so one compiled program serves
+every target and every checkpoint of the architecture.
 
 Guidance energies (networks trained by the project, ``experiments/train_digits.py``):
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from zmagic_jax.contracts import Energy, static_partial
 from zmagic_jax.energies._image import check_one_image, gram_matrix, safe_norm
 from zmagic_jax.models._digits import classifier_output, ink_logits
 from zmagic_jax.models._layers import Net
@@ -29,27 +32,33 @@ def _check_one(x0, who: str):
     return check_one_image(x0, who, 1)
 
 
-def class_energy(net: Net, label):
-    """``x0 -> -log p(label | x0)`` under the classifier ``net`` (``label`` an int, may be traced)."""
-    def energy(x0):
-        logits = classifier_output(net, _check_one(x0, "class_energy")).logits
-        return -jax.nn.log_softmax(logits)[label]
-    return energy
+def _class_energy(module, params, x0):
+    weights, label = params
+    logits = classifier_output(Net(module, weights), _check_one(x0, "class_energy")).logits
+    return -jax.nn.log_softmax(logits)[label]
 
 
-def layout_energy(net: Net, mask):
-    """``x0 -> mean BCE(ink_logits(x0), mask)``: ``mask (H, W)`` in ``{0, 1}`` marks where ink should be."""
+def class_energy(net: Net, label) -> Energy:
+    """``E(x0) = -log p(label | x0)`` under the classifier ``net``; params ``(net.params, label)``."""
+    return Energy(static_partial(_class_energy, net.module), (net.params, label))
+
+
+def _layout_energy(module, params, x0):
+    weights, mask = params
+    logits = ink_logits(Net(module, weights), _check_one(x0, "layout_energy"))
+    if logits.shape != mask.shape:
+        raise ValueError(f"layout_energy: mask shape {mask.shape} does not match the image {logits.shape}.")
+    # log(1 + e^z) - m z, the numerically stable sigmoid cross-entropy
+    return jnp.mean(jax.nn.softplus(logits) - mask * logits)
+
+
+def layout_energy(net: Net, mask) -> Energy:
+    """``E(x0) = mean BCE(ink_logits(x0), mask)``: ``mask (H, W)`` in ``{0, 1}`` marks where ink
+    should be; params ``(net.params, mask)``."""
     mask = jnp.asarray(mask, jnp.float32)
     if mask.ndim != 2:
         raise ValueError(f"layout_energy: mask must be (H, W) in {{0, 1}}; got shape {mask.shape}.")
-
-    def energy(x0):
-        logits = ink_logits(net, _check_one(x0, "layout_energy"))
-        if logits.shape != mask.shape:
-            raise ValueError(f"layout_energy: mask shape {mask.shape} does not match the image {logits.shape}.")
-        # log(1 + e^z) - m z, the numerically stable sigmoid cross-entropy
-        return jnp.mean(jax.nn.softplus(logits) - mask * logits)
-    return energy
+    return Energy(static_partial(_layout_energy, net.module), (net.params, mask))
 
 
 def gram_features(net: Net, x0, stages=None) -> tuple:
@@ -61,14 +70,16 @@ def gram_features(net: Net, x0, stages=None) -> tuple:
                  for i in chosen)
 
 
-def style_energy(net: Net, reference, stages=None):
-    """``x0 -> sum_s |G_s(x0) - G_s(reference)|_F`` with ``net``'s stage Gram matrices (all stages,
-    or the indices ``stages``)."""
-    target = gram_features(net, reference, stages)
+def _style_energy(module, stages, params, x0):
+    weights, target = params
+    return sum(safe_norm(g - r) for g, r in zip(gram_features(Net(module, weights), x0, stages), target))
 
-    def energy(x0):
-        return sum(safe_norm(g - r) for g, r in zip(gram_features(net, x0, stages), target))
-    return energy
+
+def style_energy(net: Net, reference, stages=None) -> Energy:
+    """``E(x0) = sum_s |G_s(x0) - G_s(reference)|_F`` with ``net``'s stage Gram matrices (all stages,
+    or the indices ``stages``); params ``(net.params, reference Gram matrices)``."""
+    stages = None if stages is None else tuple(stages)
+    return Energy(static_partial(_style_energy, net.module, stages), (net.params, gram_features(net, reference, stages)))
 
 
 def style_distance(net: Net, x0, reference):

@@ -17,10 +17,13 @@ program arguments). The matching metrics (:func:`parsing_mse`, :func:`identity_d
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 
+from zmagic_jax.contracts import Energy, static_partial
 from zmagic_jax.energies._image import check_one_image, safe_norm
 from zmagic_jax.models._arcface import arcface_preprocess
 from zmagic_jax.models._bisenet import bisenet_preprocess
@@ -44,10 +47,33 @@ def parsing_logits(parser: Net, image, size: int = 512):
     return parser.module.apply({"params": parser.params}, bisenet_preprocess(image[None], size))[0]
 
 
-def face_parsing_energy(parser: Net, reference_image, size: int = 512):
-    """``E(x0) = || logits(ref) - logits(x0) ||_2`` over all pixels and classes (FreeDoM)."""
-    reference = parsing_logits(parser, reference_image, size)
-    return lambda x0: safe_norm(reference - parsing_logits(parser, x0, size))
+def _parsing_energy(module, size, params, x0):
+    weights, reference = params
+    return safe_norm(reference - parsing_logits(Net(module, weights), x0, size))
+
+
+# The references of the energies are computed once per call, compiled (eager Flax would dispatch
+# every layer separately); the module is static, the weights and the image are arguments.
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _parsing_reference(module, params, image, size):
+    return parsing_logits(Net(module, params), image, size)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _identity_reference(module, params, image):
+    return identity_embedding(Net(module, params), image)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _landmark_reference(module, params, image, box, kind):
+    return face_landmarks(Net(module, params), image, box, kind)
+
+
+def face_parsing_energy(parser: Net, reference_image, size: int = 512) -> Energy:
+    """``E(x0) = || logits(ref) - logits(x0) ||_2`` over all pixels and classes (FreeDoM); params
+    ``(parser.params, reference logits)``."""
+    return Energy(static_partial(_parsing_energy, parser.module, int(size)),
+                  (parser.params, _parsing_reference(parser.module, parser.params, reference_image, int(size))))
 
 
 def parsing_mse(parser: Net, image, reference_image, size: int = 512):
@@ -67,10 +93,16 @@ def identity_embedding(arcface: Net, image):
                                arcface_preprocess(image[None], arcface.module.config.input_size))[0]
 
 
-def face_id_energy(arcface: Net, reference_image):
-    """``E(x0) = || e(ref) - e(x0) ||_2`` with ArcFace unit embeddings (FreeDoM)."""
-    reference = identity_embedding(arcface, reference_image)
-    return lambda x0: safe_norm(reference - identity_embedding(arcface, x0))
+def _identity_energy(module, params, x0):
+    weights, reference = params
+    return safe_norm(reference - identity_embedding(Net(module, weights), x0))
+
+
+def face_id_energy(arcface: Net, reference_image) -> Energy:
+    """``E(x0) = || e(ref) - e(x0) ||_2`` with ArcFace unit embeddings (FreeDoM); params
+    ``(arcface.params, reference embedding)``."""
+    return Energy(static_partial(_identity_energy, arcface.module),
+                  (arcface.params, _identity_reference(arcface.module, arcface.params, reference_image)))
 
 
 def identity_distance(arcface: Net, image, reference_image):
@@ -99,10 +131,18 @@ def face_landmarks(net: Net, image, box: Optional[Sequence[int]] = None, kind: s
     raise ValueError(f"face_landmarks: kind must be one of {LANDMARK_NETS}; got {kind!r}.")
 
 
-def landmark_energy(net: Net, reference_image, box: Optional[Sequence[int]] = None, kind: str = "mobilefacenet"):
-    """``E(x0) = || p(ref) - p(x0) ||_2`` over all landmark coordinates (FreeDoM)."""
-    reference = face_landmarks(net, reference_image, box, kind)
-    return lambda x0: safe_norm(reference - face_landmarks(net, x0, box, kind))
+def _landmark_energy(module, box, kind, params, x0):
+    weights, reference = params
+    return safe_norm(reference - face_landmarks(Net(module, weights), x0, box, kind))
+
+
+def landmark_energy(net: Net, reference_image, box: Optional[Sequence[int]] = None,
+                    kind: str = "mobilefacenet") -> Energy:
+    """``E(x0) = || p(ref) - p(x0) ||_2`` over all landmark coordinates (FreeDoM); params
+    ``(net.params, reference landmarks)``."""
+    box = None if box is None else tuple(int(v) for v in box)
+    return Energy(static_partial(_landmark_energy, net.module, box, kind),
+                  (net.params, _landmark_reference(net.module, net.params, reference_image, box, kind)))
 
 
 def landmark_distance(net: Net, image, reference_image, box: Optional[Sequence[int]] = None,

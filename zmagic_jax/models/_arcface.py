@@ -15,7 +15,7 @@ The network, in eval mode (BatchNorm = per-channel affine, eps 1e-5; dropout = i
 * output layer: ``BN2d -> Dropout -> Flatten -> Linear(512*7*7, 512) -> BN1d``, then ``e / |e|``.
 
 PyTorch flattens NCHW (channel-major); this module flattens NHWC, and the converter permutes the
-``Linear`` weight's input axis accordingly (``zmagic_jax.ports._arcface``).
+``Linear`` weight's input axis accordingly (``convert_arcface`` in ``ports/_arcface.py``).
 """
 from __future__ import annotations
 

@@ -14,16 +14,18 @@ to ``eps_theta(x_t, t)``:
   (inference).
 
 Images are NHWC. Parameters live outside the module (``module.apply({"params": params}, x, t)``);
-``zmagic_jax.ports._ddpm_unet.load_ddpm_unet`` converts the published PyTorch weights.
+``load_ddpm_unet`` (the converters, one layer up: ``ports/_ddpm_unet.py``) converts the published
+PyTorch weights.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from zmagic_jax.contracts import Denoiser, static_partial
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,14 +205,14 @@ class DDPMUNet(nn.Module):
         return nn.Conv(cfg.out_ch, (3, 3), padding=1, name="conv_out")(h)
 
 
-def ddpm_eps_fn(module: DDPMUNet, params) -> Callable:
-    """The library's denoiser contract for the UNet: ``eps_fn(x, t)`` for ONE sample ``x``
-    ``(H, W, C)`` and a scalar timestep ``t`` (raw, 0..999, static or traced) returns
-    ``eps_theta(x, t)`` ``(H, W, C)``; schemes ``vmap`` it over samples. ``params`` is the tree
-    returned by ``load_ddpm_unet`` (without the ``{"params": ...}`` wrapper)."""
-    variables = {"params": params}
+def _ddpm_eps(module: DDPMUNet, params, x, t):
+    return module.apply({"params": params}, x[None], t)[0]
 
-    def eps_fn(x, t):
-        return module.apply(variables, x[None], t)[0]
 
-    return eps_fn
+def ddpm_denoiser(module: DDPMUNet, params) -> Denoiser:
+    """The UNet as a :class:`~zmagic_jax.Denoiser`: ``denoiser(x, t)`` for ONE sample ``x``
+    ``(H, W, C)`` and a scalar timestep ``t`` (raw, 0..999, traced) returns ``eps_theta(x, t)``
+    ``(H, W, C)``; schemes ``vmap`` it over samples. ``params`` is the tree returned by
+    ``load_ddpm_unet`` (without the ``{"params": ...}`` wrapper); the module is static, so every
+    checkpoint of one architecture shares a compiled program."""
+    return Denoiser(static_partial(_ddpm_eps, module), params)

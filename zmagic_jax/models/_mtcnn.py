@@ -5,7 +5,7 @@ Multi-task Cascaded Convolutional Networks"): it scores a 48x48 face candidate, 
 regresses five landmarks (eyes, nose, mouth corners). The layers, the crop resampling and the pixel
 normalisation follow facenet-pytorch 2.6.0 (``models/mtcnn.py`` ``ONet``, ``models/utils/
 detect_face.py`` third stage), whose weights ``data/onet.pt`` are converted by
-:mod:`zmagic_jax.ports._mtcnn`.
+``load_onet`` (the converters, one layer up: ``ports/_mtcnn.py``).
 
 facenet-pytorch feeds RGB crops in the ordinary (rows, columns) orientation; its converter swapped the
 kernels' two spatial axes of the original (transposed-image) TensorFlow MTCNN instead, and keeps the

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from zmagic_jax.contracts import Denoiser, Keyed, static_partial
 from zmagic_jax.schedules import Schedule, linear_schedule, scaled_linear_schedule
 
 _DEFAULT_VAE_SCALING_FACTOR = 0.18215
@@ -306,13 +307,9 @@ def encode_prompt(sd: StableDiffusion, prompts: Sequence[str]) -> jnp.ndarray:
     return out.last_hidden_state
 
 
-def _cfg_branches(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_scale, remat,
-                  who: str) -> Callable:
-    """Validated ``branches(x, t) -> (eps_u, eps_c)``: both UNet branches of one latent in a single
-    UNet call on a batch of two copies of ``x``."""
-    unet = _rematerialized(
-        lambda params, x, timesteps, context: sd.unet.apply(
-            {"params": params}, x, timesteps, context, train=False).sample, remat, who)
+def _cfg_params(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_scale, who: str) -> dict:
+    """Validated params of the CFG denoisers: UNet weights, the ``(2, L, D)`` context
+    ``[uncond, cond]`` and the scale, all leaves."""
     cond = jnp.asarray(prompt_embeds)
     uncond = jnp.asarray(uncond_embeds)
     cross_dim = int(sd.unet.cross_attention_dim)
@@ -321,66 +318,61 @@ def _cfg_branches(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_sc
     if uncond.shape != cond.shape:
         raise ValueError(f"{who}: uncond_embeds must have the shape of prompt_embeds "
                          f"{cond.shape}; got {uncond.shape}.")
-    if not isinstance(guidance_scale, (int, float)) and jnp.ndim(guidance_scale) != 0:
+    if isinstance(guidance_scale, bool) or jnp.ndim(guidance_scale) != 0:
         raise ValueError(f"{who}: guidance_scale must be a scalar; got {guidance_scale!r}.")
-    context = jnp.stack([uncond, cond])
-    channels = int(sd.unet.in_channels)
-
-    def branches(x, t):
-        if x.ndim != 3 or x.shape[0] != channels:
-            raise ValueError(f"{who}: x must be one latent ({channels}, h, w); got shape {x.shape}.")
-        # One timestep per batch row; integer like the PyTorch UNet's (it embeds t as float).
-        timesteps = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (2,))
-        eps = unet(sd.unet_params, jnp.stack([x, x]), timesteps, context)
-        return eps[0], eps[1]
-
-    return branches
+    return {"unet": sd.unet_params, "context": jnp.stack([uncond, cond]), "scale": guidance_scale}
 
 
-def latent_eps_fn(sd: StableDiffusion, prompt_embeds, uncond_embeds,
-                  guidance_scale: float, *, remat=False) -> Callable:
-    """Classifier-free-guided noise predictor for ONE latent sample (the denoiser contract).
+def _cfg(unet, remat, correction_only, params, x, t):
+    """``eps_u + w (eps_c - eps_u)`` (or ``w (eps_c - eps_u)``) of one latent: both branches in one
+    UNet call on a batch of two copies of ``x``."""
+    unet = unet.value
+    channels = int(unet.in_channels)
+    if x.ndim != 3 or x.shape[0] != channels:
+        raise ValueError(f"latent denoiser: x must be one latent ({channels}, h, w); got shape {x.shape}.")
+    call = _rematerialized(lambda p, x, timesteps, context: unet.apply(
+        {"params": p}, x, timesteps, context, train=False).sample, remat, "latent denoiser")
+    # One timestep per batch row; integer like the PyTorch UNet's (it embeds t as float).
+    timesteps = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (2,))
+    eps_u, eps_c = call(params["unet"], jnp.stack([x, x]), timesteps, params["context"])
+    correction = params["scale"] * (eps_c - eps_u)
+    return (correction if correction_only else eps_u + correction).astype(x.dtype)
 
-    Returns ``eps_fn(x, t) = eps_u + w (eps_c - eps_u)`` with ``eps_c = UNet(x, t, c)``,
+
+def latent_denoiser(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_scale, *, remat=False) -> Denoiser:
+    """Classifier-free-guided noise predictor for ONE latent sample, a :class:`~zmagic_jax.Denoiser`.
+
+    ``denoiser(x, t) = eps_u + w (eps_c - eps_u)`` with ``eps_c = UNet(x, t, c)``,
     ``eps_u = UNet(x, t, u)`` and ``w = guidance_scale`` (``w = 1``: conditional model only,
     ``w = 0``: unconditional). ``x`` is a latent ``(4, h, w)`` in the UNet's channels-first
     layout (``h, w`` multiples of the UNet's downsampling factor), ``t`` an integer timestep
-    (static or traced) of ``sd.schedule``. ``prompt_embeds`` / ``uncond_embeds`` are one
-    prompt's embeddings ``(L, D)`` (e.g. ``encode_prompt(sd, [p])[0]`` and of ``""``).
+    (traced) of ``sd.schedule``. ``prompt_embeds`` / ``uncond_embeds`` are one prompt's embeddings
+    ``(L, D)`` (e.g. ``encode_prompt(sd, [p])[0]`` and of ``""``). The UNet weights, both
+    embeddings and ``w`` are the params (leaves): a new prompt or scale reuses the program.
     Both branches run in a single UNet call on a batch of two copies of ``x``.
 
-    ``remat=True`` wraps the UNet call in ``jax.checkpoint``: differentiating through ``eps_fn``
+    ``remat=True`` wraps the UNet call in ``jax.checkpoint``: differentiating through the denoiser
     (every guidance scheme does) then stores only the UNet's inputs and recomputes its
     activations in the backward pass, bounding memory at the price of one more forward pass.
     A ``jax.checkpoint_policies`` name (e.g. ``"dots_saveable"``) keeps what that policy saves.
     """
-    branches = _cfg_branches(sd, prompt_embeds, uncond_embeds, guidance_scale, remat,
-                             "latent_eps_fn")
-
-    def eps_fn(x, t):
-        eps_u, eps_c = branches(x, t)
-        return (eps_u + guidance_scale * (eps_c - eps_u)).astype(x.dtype)
-
-    return eps_fn
+    _rematerialized(lambda: None, remat, "latent_denoiser")
+    params = _cfg_params(sd, prompt_embeds, uncond_embeds, guidance_scale, "latent_denoiser")
+    return Denoiser(static_partial(_cfg, Keyed(sd.unet, repr(sd.unet)), remat, False), params)
 
 
-def latent_cfg_correction_fn(sd: StableDiffusion, prompt_embeds, uncond_embeds,
-                             guidance_scale: float, *, remat=False) -> Callable:
+def latent_cfg_correction(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_scale, *,
+                          remat=False) -> Denoiser:
     """``correction(x, t) = w (eps_c - eps_u)``: what classifier-free guidance adds to the
-    unconditional noise prediction of one latent (same arguments, ``remat`` included, as
-    :func:`latent_eps_fn`).
+    unconditional noise prediction of one latent (same arguments and params as
+    :func:`latent_denoiser`).
 
     FreeDoM's Stable Diffusion step size is relative to its size (see
     :func:`zmagic_jax.cfg_relative_rule`).
     """
-    branches = _cfg_branches(sd, prompt_embeds, uncond_embeds, guidance_scale, remat,
-                             "latent_cfg_correction_fn")
-
-    def correction(x, t):
-        eps_u, eps_c = branches(x, t)
-        return (guidance_scale * (eps_c - eps_u)).astype(x.dtype)
-
-    return correction
+    _rematerialized(lambda: None, remat, "latent_cfg_correction")
+    params = _cfg_params(sd, prompt_embeds, uncond_embeds, guidance_scale, "latent_cfg_correction")
+    return Denoiser(static_partial(_cfg, Keyed(sd.unet, repr(sd.unet)), remat, True), params)
 
 
 def decode_latents(sd: StableDiffusion, latents, *, remat=False) -> jnp.ndarray:
@@ -388,7 +380,7 @@ def decode_latents(sd: StableDiffusion, latents, *, remat=False) -> jnp.ndarray:
     VAE's range ``[-1, 1]`` (not clipped, so it stays differentiable): ``D(z / scaling_factor)``.
     ``f = 2 ** (len(vae block_out_channels) - 1)``, 8 for Stable Diffusion.
 
-    ``remat`` as in :func:`latent_eps_fn`, for the VAE decoder call: its activations at the full
+    ``remat`` as in :func:`latent_denoiser`, for the VAE decoder call: its activations at the full
     image resolution dominate the memory of gradients of image energies."""
     decoder = _rematerialized(
         lambda params, z: sd.vae.apply({"params": params}, z, method=sd.vae.decode).sample,

@@ -1,4 +1,5 @@
-"""What every converter shares: reading a checkpoint, consuming every tensor, writing Flax params.
+"""What every converter shares: finding the state dict, consuming every tensor, checking shapes.
+(Files are read and written by :mod:`zmagic_jax.checkpoint_io`.)
 
 A converter walks the Flax parameter tree it builds and ``take``s each PyTorch tensor by name from a
 :class:`StateDict`; ``finish`` then fails if any name it asked for was missing or any tensor of the
@@ -10,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import struct
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -18,34 +18,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import load as safetensors_load
-from safetensors.numpy import save as safetensors_save
 
-from zmagic_jax._io import atomic_write_bytes
-from zmagic_jax.ports._torch_pickle import load_torch_file
-
-TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar", ".bin")
+from zmagic_jax.checkpoint_io import (
+    TORCH_SUFFIXES,
+    is_torch_checkpoint,
+    load_params,
+    missing_file_error,
+    params_metadata,
+    read_torch_checkpoint,
+    save_params,
+)
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's tensors do not match the architecture a converter expects."""
-
-
-def missing_file_error(path, *, architecture: str, published: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"checkpoint not found: {path}. Expected {architecture}; such weights are published at {published}. "
-        "Download it there (nothing is downloaded by this library) and pass its local path.")
-
-
-def read_torch_checkpoint(path, *, architecture: str, published: str) -> object:
-    """The object stored in a PyTorch checkpoint file, tensors as numpy arrays (no PyTorch needed)."""
-    path = Path(os.fspath(path)).expanduser()
-    if not path.is_file():
-        raise missing_file_error(path, architecture=architecture, published=published)
-    try:
-        return load_torch_file(path)
-    except Exception as error:
-        raise ValueError(f"could not read {path} as a PyTorch checkpoint of {architecture}: {error}") from error
 
 
 def is_state_dict(obj) -> bool:
@@ -154,38 +140,6 @@ def batchnorm_affine(sd: StateDict, prefix: str, eps: float, affine: bool = True
     return {"scale": scale.astype(np.float32), "shift": (bias - mean * scale).astype(np.float32)}
 
 
-def save_params(path, params, metadata: Optional[dict] = None) -> None:
-    """Write a parameter pytree (nested dicts of arrays) to a safetensors file, atomically.
-
-    ``metadata`` (str -> str), e.g. ``{"architecture": ..., "config": json}``, is stored in the
-    file's header, so a converted file describes the network it holds (:func:`params_metadata`)."""
-    flat = traverse_util.flatten_dict(params, sep="/")
-    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flat.items()}
-    atomic_write_bytes(path, safetensors_save(arrays, metadata=metadata))
-
-
-def load_params(path) -> dict:
-    """Read a safetensors file written by :func:`save_params` back into nested dicts of jnp arrays."""
-    path = Path(os.fspath(path)).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"params file not found: {path}")
-    flat = safetensors_load(path.read_bytes())
-    return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
-
-
-def params_metadata(path) -> dict:
-    """The str -> str metadata in a safetensors file's header (``{}`` when it has none)."""
-    with open(os.fspath(path), "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    return dict(header.get("__metadata__", {}))
-
-
-def is_torch_checkpoint(path) -> bool:
-    """True for a PyTorch checkpoint suffix (``.pt``, ``.pth``, ``.ckpt``, ``.tar``, ``.bin``)."""
-    return str(path).lower().endswith(TORCH_SUFFIXES)
-
-
 @dataclasses.dataclass(frozen=True)
 class Port:
     """How one published network is read: its names, config type and default, Flax module,
@@ -222,6 +176,8 @@ def config_from_json(config_type: type, text: str):
         return tuple(tuples(v) for v in value) if isinstance(value, list) else value
     fields = {f.name for f in dataclasses.fields(config_type)}
     data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"config of {config_type.__name__} must be a JSON object of its fields; got {text!r}")
     unknown = sorted(set(data) - fields)
     if unknown:
         raise ValueError(f"config of {config_type.__name__} has unknown fields {unknown}")

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from zmagic_jax._math import safe_sqrt
+
 RESCALES = ("1+c^2", "1+c", "none")
 DEFAULT_NUM_ITERS = 500
 
@@ -158,7 +160,7 @@ def cagrad(task_grads: jax.Array, c=0.5, rescale: str = "1+c^2",
     w = cagrad_weights(gram, c, num_iters)
     g0 = jnp.mean(grads, axis=0)
     gw = jnp.matmul(w, grads, precision=lax.Precision.HIGHEST)
-    radius = c * jnp.linalg.norm(g0)
+    radius = c * safe_sqrt(jnp.sum(g0 * g0))
     gw_norm = jnp.sqrt(jnp.sum(gw * gw) + _smoothing(w, *_smoothing_terms(gram)))
     lam = jnp.where(radius > 0, radius / jnp.where(gw_norm > 0, gw_norm, 1), 0)
     d = g0 + lam * gw
@@ -180,10 +182,10 @@ def _two_task_weights(gram, c):
     has_segment = e_sq > jnp.finfo(gram.dtype).eps * (a11 + a22)
     e_sq = jnp.where(has_segment, e_sq, 1)
     e_norm = jnp.sqrt(e_sq)
-    h = jnp.sqrt(jnp.maximum(a11 * a22 - a12 * a12, 0) / e_sq)
-    radius = c * jnp.sqrt(jnp.maximum(jnp.mean(gram), 0))
+    h = safe_sqrt((a11 * a22 - a12 * a12) / e_sq)
+    radius = c * safe_sqrt(jnp.mean(gram))
     beta = 0.5 * (a11 - a22) / e_norm
-    slack = jnp.sqrt(jnp.maximum(radius * radius - beta * beta, 0))
+    slack = safe_sqrt(radius * radius - beta * beta)
     interior = slack > 0
     s_star = -beta * h / jnp.where(interior, slack, 1)
     a_interior = (s_star * e_norm - (a12 - a22)) / e_sq
@@ -200,7 +202,7 @@ def _fista_weights(gram, c, num_iters):
     dtype = gram.dtype
     eps = jnp.finfo(dtype).eps
     b = jnp.mean(gram, axis=1)
-    g0_norm = jnp.sqrt(jnp.maximum(jnp.mean(gram), 0))
+    g0_norm = safe_sqrt(jnp.mean(gram))
     radius = c * g0_norm
     lengths, floor_sq = _smoothing_terms(gram)
     # Jacobi metric on the Hessian A + eps l l^T of the smoothed squared norm: one gradient
@@ -221,7 +223,7 @@ def _fista_weights(gram, c, num_iters):
         # The smoothing stays out of A so that exact cancellations (g and -g) remain exact.
         gram_y = gram @ y
         smoothing = _smoothing(y, lengths, floor_sq)
-        norm_y = jnp.sqrt(jnp.maximum(y @ gram_y, 0) + smoothing)
+        norm_y = safe_sqrt(y @ gram_y + smoothing)
         # norm_y = 0 only for all-zero gradients, where radius = curvature = 0.
         norm_y = jnp.where(norm_y > 0, norm_y, 1)
         grad = b + radius * (gram_y + eps * (lengths @ y) * lengths) / norm_y
@@ -253,7 +255,7 @@ def _fista_weights(gram, c, num_iters):
 
 def _smoothing_terms(gram):
     """Gradient lengths and the squared length of the shortest nonzero one (0 if none)."""
-    lengths = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0))
+    lengths = safe_sqrt(jnp.diagonal(gram))
     shortest = jnp.min(jnp.where(lengths > 0, lengths, jnp.max(lengths)))
     return lengths, shortest * shortest
 

@@ -14,7 +14,7 @@ Runs are ``(scheme, conditions)`` pairs: ``none``, ``independent`` (FreeDoM), ``
 (Z-Magic Algorithm 1, the first condition leads) and ``multi`` (Algorithm 2, CAGrad over both
 orders); ``none`` and ``independent`` also take a single condition. Every run of a scheme
 shares ONE compiled program: which energies fill the two condition slots, and with what scale, is
-a traced weight matrix, so both orders and both pairs reuse it. Scores come from the evaluator (another architecture and seed, never used for guidance)
+a weight matrix in the slots' params (a leaf), so both orders and both pairs reuse it. Scores come from the evaluator (another architecture and seed, never used for guidance)
 and from the pixels (ink IoU); sample quality is a Frechet distance in the evaluator's
 penultimate features against the held-out real digits.
 """
@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, NamedTuple, Optional, Sequence
 
@@ -34,18 +31,22 @@ import numpy as np
 
 from zmagic_jax import figures
 from zmagic_jax._io import atomic_output_dir
+from zmagic_jax.contracts import static_partial
 from zmagic_jax.energies._digits import (class_energy, class_probability, ink_fraction, ink_iou, layout_energy,
                                          style_distance, style_energy)
 from zmagic_jax.metrics import frechet_distance
-from zmagic_jax.models._ddpm_unet import ddpm_eps_fn
+from zmagic_jax.models._ddpm_unet import ddpm_denoiser
 from zmagic_jax.models._digits import DigitModels, classifier_output
 from zmagic_jax.models._layers import Net
-from zmagic_jax.samplers import run_chain, sampler_by_name, step_contexts
-from zmagic_jax.sampling import guided_kernel
-from zmagic_jax.schedules import linear_schedule, timestep_grid
-from zmagic_jax.schemes import condition, dependent, independent, multi, none
-from zmagic_jax.step_rules import check_window_hits, freedom_rule
+from zmagic_jax.samplers import step_contexts
+from zmagic_jax.schedules import linear_schedule
+from zmagic_jax.schemes import condition
+from zmagic_jax.step_rules import freedom_rule
+from zmagic_jax.geometry import mean_guided_cosine
 from zmagic_jax.tasks._outputs import save_image_grid, save_png
+from zmagic_jax.tasks._recipe import (PROGRAMS, Programs, check_finite, check_int, check_nan_policy, check_positive,
+                                      check_seeds, check_window, format_table, model_grid, sampler_by_name,
+                                      sample_seeds, scheme_by_name, scheme_cosine, seed_keys, skips)
 
 DIGIT_CONDITIONS = ("class", "layout", "style")
 DIGIT_SCHEMES = ("none", "independent", "dependent", "multi")
@@ -88,30 +89,16 @@ class DigitSettings:
 
     def __post_init__(self):
         who = "DigitSettings"
-        if isinstance(self.target_class, bool) or not isinstance(self.target_class, (int, np.integer)) \
-                or not 0 <= self.target_class <= 9:
-            raise ValueError(f"{who}: target_class must be a digit 0..9; got {self.target_class!r}.")
+        check_int(self.target_class, who, "target_class", 0, 9)
         for name in ("layout_source", "style_source"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-                raise ValueError(f"{who}: {name} must be an index >= 0 into the held-out digits; got {value!r}.")
-        seeds = tuple(self.seeds)
-        if not seeds or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in seeds) \
-                or len(set(seeds)) != len(seeds):
-            raise ValueError(f"{who}: seeds must be distinct integers >= 0, at least two; got {self.seeds!r}.")
-        if len(seeds) < 2:
-            raise ValueError(f"{who}: seeds must hold at least two seeds (scores report mean and std); "
-                             f"got {self.seeds!r}.")
-        object.__setattr__(self, "seeds", tuple(int(s) for s in seeds))
-        if not isinstance(self.num_steps, (int, np.integer)) or not 2 <= self.num_steps <= 1000:
-            raise ValueError(f"{who}: num_steps must be an integer in [2, 1000]; got {self.num_steps!r}.")
+            check_int(getattr(self, name), who, name, 0)
+        object.__setattr__(self, "seeds", check_seeds(self.seeds, who, minimum=2))  # scores report mean and std
+        check_int(self.num_steps, who, "num_steps", 2)
         sampler_by_name(self.sampler)
         for name in ("class_scale", "layout_scale", "style_scale"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{who}: {name} must be > 0; got {getattr(self, name)!r}.")
-        check_window_hits(timestep_grid(1000, int(self.num_steps)), None, self.stop, f"{who}: stop={self.stop}")
-        if self.nan_policy not in ("raise", "skip"):
-            raise ValueError(f"{who}: nan_policy must be 'raise' or 'skip'; got {self.nan_policy!r}.")
+            check_positive(getattr(self, name), who, name)
+        check_int(self.stop, who, "stop", -1)
+        check_nan_policy(self.nan_policy, who)
 
 
 def run_label(scheme: str, conditions: Sequence[str]) -> str:
@@ -167,46 +154,31 @@ def _weights(settings: DigitSettings, conditions: Sequence[str]) -> np.ndarray:
     return w
 
 
-def _params(models: DigitModels) -> dict:
-    return {"unet": models.unet.params, "classifier": models.classifier.params,
-            "segmenter": models.segmenter.params, "features": models.features.params}
+def _weighted_energy(fns, params, x0):
+    """A condition slot's energy ``sum_k w_k E_k(x0)``: ``params = (w (3,), (params of E_k)_k)``."""
+    weights, parts = params
+    return sum(weights[k] * fn(p, x0) for k, (fn, p) in enumerate(zip(fns, parts)))
 
 
-def _program(models: DigitModels, settings: DigitSettings, scheme: str):
+def _problem(models: DigitModels, settings: DigitSettings, scheme: str, conditions: tuple):
+    """The program's arguments ``(keys, contexts, denoiser, scheme, sampler)``, static options and grid. The two
+    slot conditions carry the weight matrix row and every energy's params (weights, targets) as
+    leaves, so every pair, order and target of one scheme shares the compiled program."""
     schedule = linear_schedule()
-    grid = timestep_grid(schedule.num_train_steps, settings.num_steps)
-    sampler = sampler_by_name(settings.sampler)
-    shape = (models.resolution, models.resolution, 1)
-    contexts = step_contexts(schedule, grid)
-    builder = {"none": none, "independent": independent, "dependent": dependent, "multi": multi}[scheme]
-
-    def run(params, keys, weights, label, mask, style):
-        energies = (class_energy(Net(models.classifier.module, params["classifier"]), label),
-                    layout_energy(Net(models.segmenter.module, params["segmenter"]), mask),
-                    style_energy(Net(models.features.module, params["features"]), style))
-
-        def slot(i):
-            return lambda x0: sum(weights[i, k] * energy(x0) for k, energy in enumerate(energies))
-        rule = freedom_rule(1.0, stop=settings.stop)
-        guidance = builder([condition(f"slot{i}", slot(i), rule) for i in range(2)])
-        kernel = guided_kernel(ddpm_eps_fn(models.unet.module, params["unet"]), sampler, guidance)
-
-        # The chain of each seed, vmapped once: the image of seed s depends on PRNGKey(s) alone.
-        # (Calling ``sample`` per seed would nest its batch vmap inside this one; batching the
-        # scan and cond jaxprs twice doubled the tracing time.)
-        def one(key):
-            x_T = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
-            return run_chain(jax.random.fold_in(key, 1), x_T, kernel, contexts)
-        return jax.vmap(one)(keys)
-
-    return run, grid
-
-
-_COMPILED: dict = {}
-
-
-def _architecture(models: DigitModels) -> tuple:
-    return tuple(repr(getattr(models, name).module) for name in ("unet", "classifier", "segmenter", "features"))
+    grid = model_grid(schedule, settings.num_steps, "digits")
+    check_window(grid, None, settings.stop, "digits", f"stop={settings.stop}, the guidance window")
+    targets = digit_targets(models, settings)
+    energies = (class_energy(models.classifier, jnp.int32(targets.label)),
+                layout_energy(models.segmenter, targets.mask), style_energy(models.features, targets.style))
+    fns, parts = tuple(e.fn for e in energies), tuple(e.params for e in energies)
+    weights = jnp.asarray(_weights(settings, conditions))
+    rule = freedom_rule(1.0, stop=settings.stop)
+    slots = [condition(f"slot{i}", static_partial(_weighted_energy, fns), rule, (weights[i], parts)) for i in range(2)]
+    contexts, guidance = step_contexts(schedule, grid), scheme_by_name(scheme, slots)
+    args = (seed_keys(settings.seeds), contexts, ddpm_denoiser(models.unet.module, models.unet.params), guidance,
+            sampler_by_name(settings.sampler))
+    static = {"shape": (models.resolution, models.resolution, 1), **skips(guidance, contexts)}
+    return args, static, grid
 
 
 class DigitSamples(NamedTuple):
@@ -222,101 +194,74 @@ class DigitSamples(NamedTuple):
     run_s: float
 
 
-def _arguments(models: DigitModels, settings: DigitSettings, scheme: str, conditions: tuple) -> tuple:
-    """The compiled program's arguments and its cache key (what the program depends on besides them)."""
-    targets = digit_targets(models, settings)
-    args = (_params(models), jnp.stack([jax.random.PRNGKey(s) for s in settings.seeds]),
-            jnp.asarray(_weights(settings, conditions)), jnp.int32(targets.label), jnp.asarray(targets.mask),
-            jnp.asarray(targets.style))
-    static = (scheme, settings.num_steps, settings.sampler, settings.stop, settings.nan_policy, len(settings.seeds))
-    return args, (static, _architecture(models))
-
-
 def compile_digits(models: DigitModels, settings: DigitSettings, runs: Sequence[tuple] = DEFAULT_RUNS, *,
-                   cache: Optional[dict] = None, workers: int = 2) -> float:
-    """Compile the programs ``runs`` need (one per scheme) into ``cache`` (default: the module-wide
-    cache), ``workers`` at a time: XLA compiles a program on one core and releases the GIL, so the
-    schemes compile side by side (and beside other work, e.g. the demo's testbed). Returns the
-    wall time in seconds."""
-    cache = _COMPILED if cache is None else cache
-    start = time.perf_counter()
-    lowered = {}
+                   programs: Optional[Programs] = None, workers: int = 2) -> float:
+    """Compile the programs ``runs`` need (one per scheme), ``workers`` at a time (default: into
+    the process-wide :data:`~zmagic_jax.tasks._recipe.PROGRAMS`). Returns the wall time in seconds."""
+    programs = PROGRAMS if programs is None else programs
+    prepare_digits(models, settings, runs, programs=programs)
+    return programs.compile_pending(workers)
+
+
+def prepare_digits(models: DigitModels, settings: DigitSettings, runs: Sequence[tuple] = DEFAULT_RUNS, *,
+                   programs: Optional[Programs] = None) -> None:
+    """Lower (trace) the programs ``runs`` need without compiling them, so that they compile
+    together with other programs (:meth:`Programs.compile_pending`)."""
+    programs = PROGRAMS if programs is None else programs
     for scheme, conditions in runs:
-        conditions = check_run(scheme, conditions, "compile_digits")
-        args, key = _arguments(models, settings, scheme, conditions)
-        if key not in cache and key not in lowered:
-            run, grid = _program(models, settings, scheme)
-            lowered[key] = (jax.jit(run).lower(*args), grid)
-    if lowered:
-        with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
-            futures = {key: (pool.submit(program.compile), grid) for key, (program, grid) in lowered.items()}
-            for key, (future, grid) in futures.items():
-                cache[key] = (future.result(), grid)
-    return time.perf_counter() - start
+        args, static, _ = _problem(models, settings, scheme, check_run(scheme, conditions, "compile_digits"))
+        programs.lower(sample_seeds, args, static)
 
 
 def sample_digits(models: DigitModels, settings: DigitSettings, scheme: str,
-                  conditions: Sequence[str] = STRONG_PAIR, *, cache: Optional[dict] = None) -> DigitSamples:
+                  conditions: Sequence[str] = STRONG_PAIR, *, programs: Optional[Programs] = None) -> DigitSamples:
     """Run ``scheme`` on ``conditions`` (the first leads under ``dependent``) for every seed in one
-    compiled program (seeds vmapped). One program per scheme serves every pair and order (the
-    module-wide ``cache`` unless one is given). Raises ``FloatingPointError`` naming the condition,
-    seed and step if guidance went non-finite (``nan_policy='skip'`` warns instead)."""
+    compiled program (seeds vmapped). One program per scheme serves every pair, order and target.
+    Raises ``FloatingPointError`` naming the condition, seed and step if guidance went non-finite
+    (``nan_policy='skip'`` warns instead)."""
     conditions = check_run(scheme, conditions, "sample_digits")
-    args, key = _arguments(models, settings, scheme, conditions)
-    cache = _COMPILED if cache is None else cache
-    compile_s = compile_digits(models, settings, [(scheme, conditions)], cache=cache, workers=1)
-    compiled, grid = cache[key]
-    start = time.perf_counter()
-    images, trace = jax.block_until_ready(compiled(*args))
-    run_s = time.perf_counter() - start
-    trace = jax.tree.map(np.asarray, trace)
-    if scheme != "none" and not trace.finite.all():
-        s, i, c = map(int, np.argwhere(~trace.finite)[0])
-        message = (f"digits: guidance produced non-finite values for condition {conditions[c]!r} "
-                   f"({run_label(scheme, conditions)}): first at seed {settings.seeds[s]}, step {i} "
-                   f"(t={int(grid.t[i])}); the guidance of those steps was dropped. Lower "
-                   f"{conditions[c]}_scale, or keep such samples with nan_policy='skip'.")
-        if settings.nan_policy == "raise":
-            raise FloatingPointError(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
-    return DigitSamples(scheme, conditions, np.clip(np.asarray(images), -1.0, 1.0), trace, np.asarray(grid.t),
+    args, static, grid = _problem(models, settings, scheme, conditions)
+    programs = PROGRAMS if programs is None else programs
+    (images, trace, finite), compile_s, run_s = programs.call(sample_seeds, args, static)
+    if scheme != "none":
+        check_finite(finite[..., :len(conditions)], conditions, settings.seeds, grid.t, settings.nan_policy,
+                     f"digits ({run_label(scheme, conditions)})", "Lower the condition's scale.")
+    return DigitSamples(scheme, conditions, np.clip(images, -1.0, 1.0), trace, np.asarray(grid.t),
                         compile_s, run_s)
 
 
-def _score_fn(models: DigitModels):
-    key = ("scores", repr(models.evaluator.module))
-    if key not in _COMPILED:
-        module = models.evaluator.module
-
-        def one(params, label, mask, style, image):
-            net = Net(module, params)
-            probs = class_probability(net, image)
-            return {"class_accuracy": (jnp.argmax(probs) == label).astype(jnp.float32),
-                    "class_probability": probs[label],
-                    "layout_iou": ink_iou(image, mask),
-                    "style_distance": style_distance(net, image, style),
-                    "ink_gap": jnp.abs(ink_fraction(image) - ink_fraction(style)),
-                    "features": classifier_output(net, image).penultimate}
-        _COMPILED[key] = jax.jit(jax.vmap(one, in_axes=(None, None, None, None, 0)))
-    return _COMPILED[key]
+def _scores(params, label, mask, style, images, *, module):
+    def one(image):
+        net = Net(module, params)
+        probs = class_probability(net, image)
+        return {"class_accuracy": (jnp.argmax(probs) == label).astype(jnp.float32),
+                "class_probability": probs[label],
+                "layout_iou": ink_iou(image, mask),
+                "style_distance": style_distance(net, image, style),
+                "ink_gap": jnp.abs(ink_fraction(image) - ink_fraction(style)),
+                "features": classifier_output(net, image).penultimate}
+    return jax.vmap(one)(images)
 
 
 def digit_scores(models: DigitModels, settings: DigitSettings, images) -> Dict[str, np.ndarray]:
     """Per image, the evaluator's scores of every condition (``SCORE_NOTES``) and its penultimate
     ``features (S, hidden)``, as float64 arrays."""
     targets = digit_targets(models, settings)
-    values = _score_fn(models)(models.evaluator.params, jnp.int32(targets.label), jnp.asarray(targets.mask),
-                               jnp.asarray(targets.style), jnp.asarray(images, jnp.float32))
+    args = (models.evaluator.params, jnp.int32(targets.label), jnp.asarray(targets.mask), jnp.asarray(targets.style),
+            jnp.asarray(images, jnp.float32))
+    values, _, _ = PROGRAMS.call(_scores, args, {"module": models.evaluator.module})
     return {name: np.asarray(v, np.float64) for name, v in values.items()}
+
+
+def _penultimate(params, images, *, module):
+    return module.apply({"params": params}, images).penultimate
 
 
 def evaluator_features(models: DigitModels, images) -> np.ndarray:
     """The evaluator's penultimate features ``(N, hidden)`` of images ``(N, H, W, 1)`` in ``[-1, 1]``."""
-    key = ("features", repr(models.evaluator.module))
-    if key not in _COMPILED:
-        module = models.evaluator.module
-        _COMPILED[key] = jax.jit(lambda p, x: module.apply({"params": p}, x).penultimate)
-    return np.asarray(_COMPILED[key](models.evaluator.params, jnp.asarray(images, jnp.float32)), np.float64)
+    values, _, _ = PROGRAMS.call(_penultimate, (models.evaluator.params, jnp.asarray(images, jnp.float32)),
+                                 {"module": models.evaluator.module})
+    return np.asarray(values, np.float64)
 
 
 def _reference_sets(models: DigitModels, label: int) -> dict:
@@ -357,7 +302,7 @@ class DigitResult(NamedTuple):
 
 
 def run_digits(models: DigitModels, settings: DigitSettings = DigitSettings(),
-               runs: Sequence[tuple] = DEFAULT_RUNS, *, cache: Optional[dict] = None,
+               runs: Sequence[tuple] = DEFAULT_RUNS, *, programs: Optional[Programs] = None,
                progress: Optional[Callable[[str], None]] = None) -> DigitResult:
     """Sample and score ``runs = [(scheme, (condition, condition)), ...]`` on the same seeds.
     ``progress(label)`` is called before each run."""
@@ -365,7 +310,7 @@ def run_digits(models: DigitModels, settings: DigitSettings = DigitSettings(),
     runs = [(scheme, check_run(scheme, conds, "run_digits")) for scheme, conds in runs]
     if not runs:
         raise ValueError("run_digits: runs must name at least one (scheme, conditions) run.")
-    compile_s = compile_digits(models, settings, runs, cache=cache)
+    compile_s = compile_digits(models, settings, runs, programs=programs)
     references = _reference_sets(models, settings.target_class)
     samples, scores, frechet = {}, {}, {}
     for scheme, conds in runs:
@@ -373,20 +318,13 @@ def run_digits(models: DigitModels, settings: DigitSettings = DigitSettings(),
         if label in samples:
             continue
         progress(label)
-        samples[label] = sample_digits(models, settings, scheme, conds, cache=cache)
+        samples[label] = sample_digits(models, settings, scheme, conds, programs=programs)
         scores[label] = digit_scores(models, settings, samples[label].images)
         features = scores[label].pop("features")
         frechet[label] = {name: frechet_distance(features, ref) for name, ref in references.items()}
     return DigitResult(settings, digit_targets(models, settings), samples, scores, frechet,
                        real_frechet_floor(models, len(settings.seeds), settings.target_class,
                                           references=references), compile_s)
-
-
-def _mean_guided_cosine(trace) -> Optional[float]:
-    guided = trace.guided.astype(bool)
-    values = trace.cosine[guided]
-    values = values[np.isfinite(values)]
-    return float(np.mean(values)) if values.size else None
 
 
 def digit_report(result: DigitResult, models: Optional[DigitModels] = None) -> dict:
@@ -404,7 +342,7 @@ def digit_report(result: DigitResult, models: Optional[DigitModels] = None) -> d
             "mean": {name: float(np.mean(v)) for name, v in scores.items()},
             "std": {name: float(np.std(v)) for name, v in scores.items()},
             "frechet_distance": {name: float(v) for name, v in result.frechet[label].items()},
-            "mean_guided_cosine": _mean_guided_cosine(samples.trace),
+            "mean_guided_cosine": _cosine(samples),
             "guided_steps": int(np.sum(samples.trace.guided[0])),
             "run_s": round(samples.run_s, 3)}
     report = {"settings": dataclasses.asdict(settings), "score_notes": SCORE_NOTES,
@@ -419,6 +357,12 @@ def digit_report(result: DigitResult, models: Optional[DigitModels] = None) -> d
     if models is not None:
         report["models"] = models.info
     return report
+
+
+def _cosine(samples: DigitSamples) -> Optional[float]:
+    which = scheme_cosine(samples.scheme)
+    value = None if which is None else mean_guided_cosine(samples.trace, which)
+    return None if value is None or not np.isfinite(value) else value
 
 
 def _file(label: str, seed: int) -> str:
@@ -437,14 +381,10 @@ def digit_table(report: dict) -> str:
                      f"{m['style_distance']:.0f}±{s['style_distance']:.0f}",
                      f"{r['frechet_distance']['class']:.0f}", f"{r['frechet_distance']['all']:.0f}",
                      "-" if cos is None else f"{cos:+.2f}", f"{r['run_s']:.1f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
     floor = report["frechet_floor"]
-    lines.append(f"(FD of {len(report['settings']['seeds'])} held-out real digits to the rest: class "
-                 f"{floor['class']['mean']:.0f}±{floor['class']['std']:.0f}, all {floor['all']['mean']:.0f}±"
-                 f"{floor['all']['std']:.0f}; compiling the runs' programs: {report['compile_s']:.0f} s)")
-    return "\n".join(lines)
+    return format_table(rows, [f"(FD of {len(report['settings']['seeds'])} held-out real digits to the rest: class "
+                               f"{floor['class']['mean']:.0f}±{floor['class']['std']:.0f}, all {floor['all']['mean']:.0f}"
+                               f"±{floor['all']['std']:.0f}; compiling the runs' programs: {report['compile_s']:.0f} s)"])
 
 
 def _scores_figure(path, report: dict) -> None:

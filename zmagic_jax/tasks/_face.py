@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence
 
@@ -30,18 +29,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from zmagic_jax._io import atomic_output_dir
-from zmagic_jax.energies import Clip, clip_text_distance, image_embedding, text_embedding
+from zmagic_jax.energies import (Clip, clip_architecture, clip_text_distance, clip_text_energy, text_embedding,
+                                 with_params)
 from zmagic_jax.energies._face import (LANDMARK_NETS, Net, face_id_energy, face_parsing_energy, identity_distance,
-                                       identity_embedding, landmark_distance,
-                                       landmark_energy, parsing_mse)
-from zmagic_jax.energies._image import safe_norm
-from zmagic_jax.models._ddpm_unet import ddpm_eps_fn
-from zmagic_jax.samplers import eta_mixing
-from zmagic_jax.sampling import sample
-from zmagic_jax.schedules import Schedule, linear_schedule, timestep_grid
-from zmagic_jax.schemes import condition, dependent, independent, multi, none
-from zmagic_jax.step_rules import check_window_hits, freedom_rule, norm_relative_rule
+                                       identity_embedding, landmark_distance, landmark_energy, parsing_mse)
+from zmagic_jax.models._ddpm_unet import ddpm_denoiser
+from zmagic_jax.samplers import eta_mixing, step_contexts
+from zmagic_jax.schedules import Schedule, linear_schedule
+from zmagic_jax.schemes import condition
+from zmagic_jax.step_rules import freedom_rule, norm_relative_rule
 from zmagic_jax.tasks._outputs import save_image_grid, save_png
+from zmagic_jax.tasks._recipe import (PROGRAMS, Programs, check_choice, check_finite, check_int, check_nan_policy,
+                                      check_positive, check_seeds, check_window, model_grid, sample_seeds,
+                                      scheme_by_name, seed_keys, skips)
 
 FACE_TASKS = {
     "text_seg_id": ("text", "segmentation", "identity"),
@@ -108,31 +108,33 @@ class FaceSettings:
         if sorted(order) != [0, 1]:
             raise ValueError(f"{who}: order must be (0, 1) or (1, 0); got {self.order!r}.")
         object.__setattr__(self, "order", order)
-        seeds = tuple(self.seeds)
-        if not seeds or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in seeds) \
-                or len(set(seeds)) != len(seeds):
-            raise ValueError(f"{who}: seeds must be distinct integers >= 0, at least one; got {self.seeds!r}.")
-        object.__setattr__(self, "seeds", tuple(int(s) for s in seeds))
-        if not isinstance(self.num_steps, (int, np.integer)) or not 2 <= self.num_steps <= 1000:
-            raise ValueError(f"{who}: num_steps must be an integer in [2, 1000]; got {self.num_steps!r}.")
-        if not 0.0 <= self.eta <= 1.0:
+        object.__setattr__(self, "seeds", check_seeds(self.seeds, who))
+        check_int(self.num_steps, who, "num_steps", 2)
+        check_positive(self.eta, who, "eta", zero=True)
+        if self.eta > 1.0:
             raise ValueError(f"{who}: eta must be in [0, 1]; got {self.eta!r}.")
         for name in ("text_factor", "segmentation_scale", "identity_scale", "landmark_scale"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{who}: {name} must be > 0; got {getattr(self, name)!r}.")
+            check_positive(getattr(self, name), who, name)
         if "text" in self.conditions and (not isinstance(self.prompt, str) or not self.prompt.strip()):
             raise ValueError(f"{who}: task {self.task!r} guides a text: prompt must be a non-empty string.")
-        grid = timestep_grid(1000, int(self.num_steps))
         for name in self.conditions:
             if name != "text":
-                stop = getattr(self, f"{_prefix(name)}_stop")
-                check_window_hits(grid, None, stop, f"{who}: {_prefix(name)}_stop={stop}")
+                check_int(getattr(self, f"{_prefix(name)}_stop"), who, f"{_prefix(name)}_stop", -1)
         if self.landmark_net not in LANDMARK_NETS:
             raise ValueError(f"{who}: landmark_net must be one of {LANDMARK_NETS}; got {self.landmark_net!r}.")
         if self.landmark_box is not None:
             object.__setattr__(self, "landmark_box", tuple(int(v) for v in self.landmark_box))
-        if self.nan_policy not in ("raise", "skip"):
-            raise ValueError(f"{who}: nan_policy must be 'raise' or 'skip'; got {self.nan_policy!r}.")
+        check_nan_policy(self.nan_policy, who)
+
+    def grid(self, schedule: Schedule):
+        """The sampling grid on the model's own schedule, every guidance window checked against it."""
+        who = "FaceSettings"
+        grid = model_grid(schedule, self.num_steps, who)
+        for name in self.conditions:
+            if name != "text":
+                stop = getattr(self, f"{_prefix(name)}_stop")
+                check_window(grid, None, stop, who, f"{_prefix(name)}_stop={stop}, the {name} guidance window")
+        return grid
 
     @property
     def conditions(self) -> tuple:
@@ -194,23 +196,24 @@ def _shape(models: FaceModels) -> tuple:
     return int(config.resolution), int(config.resolution), int(config.in_channels)
 
 
-def _energies(models: FaceModels, settings: FaceSettings, params: dict, refs: dict) -> dict:
-    """name -> energy(x0) for the task's conditions; ``params`` and ``refs`` may be traced."""
+def _energies(models: FaceModels, settings: FaceSettings, references: FaceReferences) -> dict:
+    """name -> :class:`~zmagic_jax.Energy` of the task's conditions (weights and references are params)."""
     energies = {}
     for name in settings.conditions:
         if name == "text":
-            clip = models.clip._replace(params=params["clip"])
-            text = refs["text"]
-            energies[name] = lambda x0, clip=clip, text=text: safe_norm(text - image_embedding(clip, x0))
+            energies[name] = clip_text_energy(models.clip, settings.prompt)
         elif name == "segmentation":
-            energies[name] = face_parsing_energy(Net(models.parser.module, params["parser"]), refs["parsing"],
-                                                 settings.parse_size)
+            energies[name] = face_parsing_energy(models.parser, _reference(references, "parsing"), settings.parse_size)
         elif name == "identity":
-            energies[name] = face_id_energy(Net(models.arcface.module, params["arcface"]), refs["identity"])
+            energies[name] = face_id_energy(models.arcface, _reference(references, "identity"))
         else:
-            energies[name] = landmark_energy(Net(models.landmarks.module, params["landmarks"]), refs["landmarks"],
+            energies[name] = landmark_energy(models.landmarks, _reference(references, "landmarks"),
                                              settings.landmark_box, settings.landmark_net)
     return energies
+
+
+def _reference(references: FaceReferences, name: str):
+    return jnp.asarray(getattr(references, name), jnp.float32)
 
 
 def _rule(settings: FaceSettings, name: str):
@@ -220,63 +223,18 @@ def _rule(settings: FaceSettings, name: str):
     return freedom_rule(getattr(settings, f"{prefix}_scale"), stop=getattr(settings, f"{prefix}_stop"))
 
 
-def _scheme(settings: FaceSettings, scheme: str, energies: dict):
+def _problem(models: FaceModels, settings: FaceSettings, references: FaceReferences, scheme: str):
+    """The program's arguments ``(keys, contexts, denoiser, scheme, sampler)``, its static shape and
+    the grid: weights, references, the prompt embedding and seed values are arguments, so one
+    compiled program per (architecture, scheme, static setting) serves them all."""
+    grid = settings.grid(models.betas)
+    energies = _energies(models, settings, references)
     conds = [condition(name, energies[name], _rule(settings, name)) for name in settings.conditions]
-    if scheme == "none":
-        return none(conds)
-    if scheme == "independent":
-        return independent(conds)
-    if scheme == "dependent":
-        return dependent(conds, order=settings.order)
-    return multi(conds)
-
-
-def _program(models: FaceModels, settings: FaceSettings, scheme: str):
-    grid = timestep_grid(models.betas.num_train_steps, settings.num_steps)
-    shape = _shape(models)
-    sampler = eta_mixing(settings.eta)
-
-    def run(params, keys, refs):
-        eps_fn = ddpm_eps_fn(models.unet.module, params["unet"])
-        guidance = _scheme(settings, scheme, _energies(models, settings, params, refs))
-
-        def one(key):
-            x_T = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
-            x0, trace = sample(jax.random.fold_in(key, 1), x_T[None], eps_fn, models.betas, grid, guidance,
-                               sampler, nan_policy=settings.nan_policy)
-            return x0[0], jax.tree.map(lambda a: a[0], trace)
-        return jax.vmap(one)(keys)
-
-    return run, grid
-
-
-def _params(models: FaceModels, settings: FaceSettings) -> dict:
-    params = {"unet": models.unet.params}
-    for name in settings.conditions:
-        network = NETWORK_OF[name]
-        params[network] = getattr(models, network).params
-    return params
-
-
-def _refs(models: FaceModels, settings: FaceSettings, references: FaceReferences) -> dict:
-    refs = {}
-    for name in settings.conditions:
-        if name == "text":
-            refs["text"] = text_embedding(models.clip, settings.prompt)
-        else:
-            refs[REFERENCE_OF[name]] = jnp.asarray(getattr(references, REFERENCE_OF[name]), jnp.float32)
-    return refs
-
-
-_COMPILED: dict = {}
-
-
-def _architecture(models: FaceModels, settings: FaceSettings) -> tuple:
-    """What a compiled program depends on besides its arguments (only the networks the task uses)."""
-    used = {NETWORK_OF[name] for name in settings.conditions}
-    networks = tuple(repr(getattr(models, name).module) for name in ("parser", "arcface", "landmarks") if name in used)
-    clip = models.clip.model.config.to_json_string() if "clip" in used else None
-    return (repr(models.unet.module), networks, clip, np.asarray(models.betas.alphas_cumprod).tobytes())
+    guidance = scheme_by_name(scheme, conds, **({"order": settings.order} if scheme == "dependent" else {}))
+    contexts = step_contexts(models.betas, grid)
+    args = (seed_keys(settings.seeds), contexts, ddpm_denoiser(models.unet.module, models.unet.params), guidance,
+            eta_mixing(settings.eta))
+    return args, {"shape": _shape(models), **skips(guidance, contexts)}, grid
 
 
 class FaceSamples(NamedTuple):
@@ -294,83 +252,70 @@ class FaceSamples(NamedTuple):
 
 
 def sample_faces(models: FaceModels, settings: FaceSettings, references: FaceReferences,
-                 scheme: Optional[str] = None, *, cache: Optional[dict] = None,
+                 scheme: Optional[str] = None, *, programs: Optional[Programs] = None,
                  compiler_options: Optional[dict] = None) -> FaceSamples:
     """Run ``scheme`` (default ``settings.scheme``) for every seed in one compiled program (seeds
-    vmapped). Weights, references, prompt embedding and seed values are program arguments, so a
-    ``cache`` dict reused across calls compiles each (architecture, scheme, static setting) once.
-    ``cache=None`` uses this module's process-wide cache, so repeated calls in one process (the CLI
-    called in-process, notebooks, the experiment script) compile each program once.
+    vmapped). Weights, references, prompt embedding and seed values are program arguments, so the
+    process-wide cache (or ``programs``) compiles each (architecture, scheme, static setting) once.
     Raises ``FloatingPointError`` naming condition, seed and step if guidance went non-finite."""
     scheme = settings.scheme if scheme is None else scheme
-    if scheme not in FACE_SCHEMES:
-        raise ValueError(f"sample_faces: scheme must be one of {FACE_SCHEMES}; got {scheme!r}.")
+    check_choice(scheme, FACE_SCHEMES, "sample_faces", "scheme")
     settings = dataclasses.replace(settings, scheme=scheme)
     check_face_inputs(models, settings, references)
-    args = (_params(models, settings), jnp.stack([jax.random.PRNGKey(s) for s in settings.seeds]),
-            _refs(models, settings, references))
-    key = dataclasses.replace(settings, prompt="-", seeds=tuple(range(len(settings.seeds))))
-    options = None if compiler_options is None else tuple(sorted(compiler_options.items()))
-    key = (key, _architecture(models, settings), options)
-    cache = _COMPILED if cache is None else cache
-    start = time.perf_counter()
-    if key not in cache:
-        run, grid = _program(models, settings, scheme)
-        cache[key] = jax.jit(run).lower(*args).compile(compiler_options=compiler_options), grid
-    compiled, grid = cache[key]
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    images, trace = jax.block_until_ready(compiled(*args))
-    run_s = time.perf_counter() - start
-    trace = jax.tree.map(np.asarray, trace)
-    _check_finite(trace.finite, settings, grid)
-    return FaceSamples(scheme, settings.order if scheme == "dependent" else (), np.clip(np.asarray(images), -1, 1),
+    args, static, grid = _problem(models, settings, references, scheme)
+    programs = PROGRAMS if programs is None else programs
+    (images, trace, finite), compile_s, run_s = programs.call(sample_seeds, args, static, compiler_options)
+    check_finite(finite, settings.conditions, settings.seeds, grid.t, settings.nan_policy, "face",
+                 "Lower the condition's scale.")
+    return FaceSamples(scheme, settings.order if scheme == "dependent" else (), np.clip(images, -1, 1),
                        trace, settings.conditions, np.asarray(grid.t), compile_s, run_s)
 
 
-def _check_finite(finite, settings: FaceSettings, grid) -> None:
-    if finite.all():
-        return
-    s, i, c = map(int, np.argwhere(~finite)[0])
-    message = (f"face: guidance produced non-finite values for condition {settings.conditions[c]!r}: first at "
-               f"seed {settings.seeds[s]}, step {i} (t={int(grid.t[i])}); the guidance of those steps was dropped. "
-               "Lower the condition's scale, or keep such samples with nan_policy='skip'.")
-    if settings.nan_policy == "raise":
-        raise FloatingPointError(message)
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+def _metrics(params, refs, images, *, statics):
+    conditions, parse_size, landmark_net, landmark_box, modules, clip_static = statics
+    modules = dict(modules)
+
+    def one(image):
+        values = {}
+        for name in conditions:
+            if name == "text":
+                values[METRIC_OF[name]] = clip_text_distance(with_params(clip_static, params["clip"]), image,
+                                                             refs["text"])
+            elif name == "segmentation":
+                values[METRIC_OF[name]] = parsing_mse(Net(modules["parser"], params["parser"]), image,
+                                                      refs["parsing"], parse_size)
+            elif name == "identity":
+                values[METRIC_OF[name]] = identity_distance(Net(modules["arcface"], params["arcface"]), image,
+                                                            refs["identity"])
+            else:
+                values[METRIC_OF[name]] = landmark_distance(Net(modules["landmarks"], params["landmarks"]), image,
+                                                            refs["landmarks"], landmark_box, landmark_net)
+        return values
+    return jax.vmap(one)(images)
 
 
 def face_metrics(models: FaceModels, settings: FaceSettings, references: FaceReferences, images,
-                 cache: Optional[dict] = None) -> dict:
+                 programs: Optional[Programs] = None) -> dict:
     """Per image, the table metric of each condition of the task (see ``METRIC_NOTES``):
-    ``{metric: (S,) float64}``. The jitted metric function is kept in ``cache`` (default: the
-    module's process-wide cache)."""
+    ``{metric: (S,) float64}``, one compiled program per task and architecture."""
     check_face_inputs(models, settings, references)
-    params, refs = _params(models, settings), _refs(models, settings, references)
-    cache = _COMPILED if cache is None else cache
-    key = ("metrics", settings.conditions, settings.parse_size, settings.landmark_net, settings.landmark_box,
-           _architecture(models, settings))
-    if key not in cache:
-        def one(params, refs, image):
-            values = {}
-            for name in settings.conditions:
-                if name == "text":
-                    clip = models.clip._replace(params=params["clip"])
-                    values[METRIC_OF[name]] = clip_text_distance(clip, image, refs["text"])
-                elif name == "segmentation":
-                    values[METRIC_OF[name]] = parsing_mse(Net(models.parser.module, params["parser"]), image,
-                                                          refs["parsing"], settings.parse_size)
-                elif name == "identity":
-                    values[METRIC_OF[name]] = identity_distance(Net(models.arcface.module, params["arcface"]),
-                                                                image, refs["identity"])
-                else:
-                    values[METRIC_OF[name]] = landmark_distance(Net(models.landmarks.module, params["landmarks"]),
-                                                                image, refs["landmarks"], settings.landmark_box,
-                                                                settings.landmark_net)
-            return values
-        cache[key] = jax.jit(jax.vmap(one, in_axes=(None, None, 0)))
-    values = cache[key](params, refs, jnp.asarray(images, jnp.float32))
+    used = {NETWORK_OF[name] for name in settings.conditions}
+    params = {name: getattr(models, name).params for name in sorted(used)}
+    modules = tuple(sorted((name, getattr(models, name).module) for name in used if name != "clip"))
+    refs = {REFERENCE_OF[name]: _reference(references, REFERENCE_OF[name]) for name in settings.conditions
+            if name != "text"}
+    if "text" in settings.conditions:
+        refs["text"] = text_embedding(models.clip, settings.prompt)
+    clip_static = clip_architecture(models.clip) if "clip" in used else None
+    statics = (settings.conditions, settings.parse_size, settings.landmark_net, settings.landmark_box,
+               modules, clip_static)
+    programs = PROGRAMS if programs is None else programs
+    values, _, _ = programs.call(_metrics, (params, refs, jnp.asarray(images, jnp.float32)), {"statics": statics})
     return {name: np.asarray(v, np.float64) for name, v in values.items()}
+
+
+def _identity_features(params, images, *, module):
+    return jax.vmap(lambda x: identity_embedding(Net(module, params), x))(images)
 
 
 def face_features(models: FaceModels, images) -> np.ndarray:
@@ -378,11 +323,9 @@ def face_features(models: FaceModels, images) -> np.ndarray:
     distance the face experiment reports (``zmagic_jax.metrics.frechet_distance``)."""
     if models.arcface is None:
         raise ValueError("face_features: needs the arcface network in FaceModels.")
-    key = ("features", repr(models.arcface.module))
-    if key not in _COMPILED:
-        module = models.arcface.module
-        _COMPILED[key] = jax.jit(jax.vmap(lambda p, x: identity_embedding(Net(module, p), x), in_axes=(None, 0)))
-    return np.asarray(_COMPILED[key](models.arcface.params, jnp.asarray(images, jnp.float32)), np.float64)
+    values, _, _ = PROGRAMS.call(_identity_features, (models.arcface.params, jnp.asarray(images, jnp.float32)),
+                                 {"module": models.arcface.module})
+    return np.asarray(values, np.float64)
 
 
 class FaceResult(NamedTuple):
@@ -402,7 +345,7 @@ def run_label(scheme: str, order: Sequence[int], settings: FaceSettings) -> str:
 
 
 def run_faces(models: FaceModels, settings: FaceSettings, references: FaceReferences,
-              runs: Optional[Sequence[tuple]] = None, *, cache: Optional[dict] = None,
+              runs: Optional[Sequence[tuple]] = None, *, programs: Optional[Programs] = None,
               compiler_options: Optional[dict] = None,
               progress: Optional[Callable[[str], None]] = None) -> FaceResult:
     """Sample and measure several runs on the same seeds: ``runs = [(scheme, order), ...]`` (default
@@ -416,9 +359,9 @@ def run_faces(models: FaceModels, settings: FaceSettings, references: FaceRefere
         if label in samples:
             continue
         progress(label)
-        samples[label] = sample_faces(models, run_settings, references, cache=cache,
+        samples[label] = sample_faces(models, run_settings, references, programs=programs,
                                       compiler_options=compiler_options)
-        metrics[label] = face_metrics(models, run_settings, references, samples[label].images, cache=cache)
+        metrics[label] = face_metrics(models, run_settings, references, samples[label].images, programs=programs)
     return FaceResult(settings, samples, metrics)
 
 

@@ -1,6 +1,7 @@
 """The exact testbed: conditions on a Gaussian-mixture prior whose posteriors are closed-form.
 
-A condition ``c`` has two faces here:
+A condition ``c`` has two faces here, both :class:`~zmagic_jax.Energy` objects whose params hold
+the mixture and the measurement (arguments of any compiled program, never constants):
 
 * ``energy(x0)``: its negative log-likelihood at a clean estimate, exactly what a FreeDoM-style
   guidance network evaluates on Tweedie's ``x0|t``;
@@ -20,14 +21,17 @@ import itertools
 import math
 import numbers
 from functools import partial
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
+from zmagic_jax.contracts import Energy, static_partial
 from zmagic_jax.models import (GaussianMixture, condition_on_linear, linear_log_evidence,
                                log_responsibilities, select_component, x0_posterior)
+from zmagic_jax.schemes import Condition, condition
+from zmagic_jax.step_rules import StepRule
 
 
 class LinearMeasurement(NamedTuple):
@@ -44,16 +48,26 @@ class TestbedCondition(NamedTuple):
 
     Attributes:
       name: what it is called in reports.
-      energy: ``energy(x0) -> scalar``, the condition's negative log-likelihood at a clean estimate
-        (up to an additive constant), as a guidance network would compute it.
-      exact_nll: ``exact_nll(x_t, alpha_bar) -> scalar``, the exact ``-log p(c | x_t)``.
+      energy: :class:`~zmagic_jax.Energy`, ``energy(x0) -> scalar``: the condition's negative
+        log-likelihood at a clean estimate (up to an additive constant), as a guidance network
+        would compute it.
+      exact_nll: :class:`~zmagic_jax.Energy`, ``exact_nll(x_t, alpha_bar) -> scalar``: the exact
+        ``-log p(c | x_t)``.
     """
 
     __test__ = False  # not a pytest test class despite its name
 
     name: str
-    energy: Callable
-    exact_nll: Callable
+    energy: Energy
+    exact_nll: Energy
+
+    def condition(self, rule: StepRule) -> Condition:
+        """The FreeDoM-style condition: ``energy`` at ``x0|t``, guided by ``rule``."""
+        return condition(self.name, self.energy, rule)
+
+    def exact_condition(self, rule: StepRule) -> Condition:
+        """The ideal condition: the exact ``-log p(c | x_t)``, noise-aware, guided by ``rule``."""
+        return condition(self.name, self.exact_nll, rule, noise_aware=True)
 
 
 class Testbed(NamedTuple):
@@ -104,8 +118,22 @@ def _stack(gmm: GaussianMixture, measurements: tuple):
     return A, y, std
 
 
+def _joint_nll(with_class: bool, params, x_t, alpha_bar):
+    gmm, class_index, stacked = params
+    posterior = x0_posterior(gmm, x_t, alpha_bar)
+    log_joint = posterior.log_weights
+    if stacked is not None:
+        log_joint = log_joint + linear_log_evidence(posterior, *stacked)
+    return -log_joint[class_index] if with_class else -logsumexp(log_joint)
+
+
+# Compiled once per structure (with or without class, number of rows): it is evaluated and
+# differentiated many times, also outside any jit (tests, figures).
+_joint_nll_jit = jax.jit(_joint_nll, static_argnums=0)
+
+
 def joint_exact_nll(gmm: GaussianMixture, class_index: Optional[int],
-                    measurements: Sequence[LinearMeasurement]) -> Callable:
+                    measurements: Sequence[LinearMeasurement]) -> Energy:
     """``nll(x_t, ab) = -log p(class, y_1, ..., y_n | x_t)``, all given conditions jointly.
 
     With ``r_k = p(k | x_t)`` and ``y`` the stacked measurements (``A`` stacked rows, ``Lambda``
@@ -115,6 +143,7 @@ def joint_exact_nll(gmm: GaussianMixture, class_index: Optional[int],
         p(class = j, y | x_t) = r_j p(y | x_t, j),      p(y | x_t) = sum_k r_k p(y | x_t, k).
 
     ``class_index=None`` leaves the class out; ``measurements`` may be empty but not both.
+    Returns a noise-aware :class:`~zmagic_jax.Energy` ``nll(x_t, ab)``.
     """
     measurements = tuple(measurements)
     if class_index is None and not measurements:
@@ -123,18 +152,20 @@ def joint_exact_nll(gmm: GaussianMixture, class_index: Optional[int],
     if class_index is not None:
         _check_class("joint_exact_nll", gmm, class_index)
     stacked = _stack(gmm, measurements) if measurements else None
+    return Energy(static_partial(_joint_nll_jit, class_index is not None),
+                  (gmm, 0 if class_index is None else class_index, stacked))
 
-    def nll(x_t, alpha_bar):
-        posterior = x0_posterior(gmm, x_t, alpha_bar)
-        log_joint = posterior.log_weights
-        if stacked is not None:
-            log_joint = log_joint + linear_log_evidence(posterior, *stacked)
-        if class_index is None:
-            return -logsumexp(log_joint)
-        return -log_joint[class_index]
 
-    # Compiled once per condition set: it is evaluated (and differentiated) many times.
-    return jax.jit(nll)
+@jax.jit
+def _class_energy(params, x0):
+    gmm, k = params
+    return -log_responsibilities(gmm, x0, 1.0)[k]
+
+
+@jax.jit
+def _measurement_energy(meas: LinearMeasurement, x0):
+    resid = meas.y - meas.A @ x0
+    return 0.5 * jnp.sum(resid * resid) / meas.sigma ** 2
 
 
 def class_condition(gmm: GaussianMixture, k: int, name: str = "class") -> TestbedCondition:
@@ -144,11 +175,7 @@ def class_condition(gmm: GaussianMixture, k: int, name: str = "class") -> Testbe
     ``ab = 1``); ``exact_nll(x_t, ab) = -log r_k(x_t)`` at noise level ``ab``.
     """
     _check_class("class_condition", gmm, k)
-
-    def energy(x0):
-        return -log_responsibilities(gmm, x0, 1.0)[k]
-
-    return TestbedCondition(name, jax.jit(energy), joint_exact_nll(gmm, k, ()))
+    return TestbedCondition(name, Energy(_class_energy, (gmm, k)), joint_exact_nll(gmm, k, ()))
 
 
 def measurement_condition(gmm: GaussianMixture, meas: LinearMeasurement,
@@ -159,13 +186,8 @@ def measurement_condition(gmm: GaussianMixture, meas: LinearMeasurement,
     ``exact_nll(x_t, ab) = -log sum_k r_k(x_t) N(y; A m_k(x_t), A C_k A^T + sigma^2 I)``.
     """
     _check_measurement("measurement_condition", gmm, meas)
-    A, y, sigma = (jnp.asarray(v) for v in meas)
-
-    def energy(x0):
-        resid = y - A @ x0
-        return 0.5 * jnp.sum(resid * resid) / sigma ** 2
-
-    return TestbedCondition(name, jax.jit(energy), joint_exact_nll(gmm, None, (meas,)))
+    params = LinearMeasurement(*(jnp.asarray(v) for v in meas))
+    return TestbedCondition(name, Energy(_measurement_energy, params), joint_exact_nll(gmm, None, (meas,)))
 
 
 def exact_posterior(gmm: GaussianMixture, class_index: Optional[int],

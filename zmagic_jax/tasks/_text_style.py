@@ -34,16 +34,19 @@ import numpy as np
 
 from zmagic_jax import figures
 from zmagic_jax._io import atomic_output_dir
-from zmagic_jax.energies import (Clip, clip_content_loss, clip_style_energy, clip_style_loss,
-                                 clip_text_distance, load_clip, text_embedding)
-from zmagic_jax.models import (StableDiffusion, decode_latents, encode_prompt, latent_cfg_correction_fn,
-                               latent_eps_fn, load_stable_diffusion)
-from zmagic_jax.samplers import sampler_by_name
-from zmagic_jax.sampling import sample, time_travel
-from zmagic_jax.schedules import timestep_grid
-from zmagic_jax.schemes import condition, dependent, independent, multi, none
-from zmagic_jax.step_rules import cfg_relative_rule, check_window_hits, freedom_rule
+from zmagic_jax.contracts import Keyed, static_partial
+from zmagic_jax.energies import (Clip, clip_architecture, clip_content_loss, clip_style_energy, clip_style_loss,
+                                 clip_text_distance, load_clip, text_embedding, with_params)
+from zmagic_jax.models import (StableDiffusion, decode_latents, encode_prompt, latent_cfg_correction, latent_denoiser,
+                               load_stable_diffusion)
+from zmagic_jax.samplers import step_contexts
+from zmagic_jax.sampling import time_travel
+from zmagic_jax.schemes import condition
+from zmagic_jax.step_rules import cfg_relative_rule, freedom_rule
 from zmagic_jax.tasks._outputs import load_image, save_png, to_uint8
+from zmagic_jax.tasks._recipe import (PROGRAMS, Programs, check_choice, check_finite, check_int, check_nan_policy,
+                                      check_positive, check_seeds, check_window, contribution_norms, model_grid,
+                                      sample_seeds, sampler_by_name, scheme_by_name, seed_keys, skips)
 
 TEXT_STYLE_SCHEMES = ("none", "independent", "dependent", "multi")
 METRICS = ("content_loss", "style_loss", "text_distance")
@@ -107,42 +110,37 @@ class TextStyleSettings:
                              f"got {self.clip_prompt!r}.")
         if self.scheme not in TEXT_STYLE_SCHEMES:
             raise ValueError(f"{who}: scheme must be one of {TEXT_STYLE_SCHEMES}; got {self.scheme!r}.")
-        seeds = tuple(self.seeds)
-        if not seeds or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in seeds) \
-                or len(set(seeds)) != len(seeds):
-            raise ValueError(f"{who}: seeds must be distinct integers >= 0, at least one; got {self.seeds!r}.")
-        object.__setattr__(self, "seeds", tuple(int(s) for s in seeds))
-        if not isinstance(self.num_steps, (int, np.integer)) or not 2 <= self.num_steps <= 1000:
-            raise ValueError(f"{who}: num_steps must be an integer in [2, 1000]; got {self.num_steps!r}.")
-        if self.rule not in ("cfg_relative", "freedom"):
-            raise ValueError(f"{who}: rule must be 'cfg_relative' or 'freedom'; got {self.rule!r}.")
-        if not self.cfg_scale >= 0 or (self.rule == "cfg_relative" and self.cfg_scale == 0):
-            raise ValueError(f"{who}: cfg_scale must be >= 0 (and > 0 with rule 'cfg_relative', whose step "
-                             f"size is relative to the CFG correction); got {self.cfg_scale!r}.")
-        if not self.guidance_scale > 0:
-            raise ValueError(f"{who}: guidance_scale must be > 0; got {self.guidance_scale!r}.")
-        if isinstance(self.time_travel_repeats, bool) or not isinstance(self.time_travel_repeats, (int, np.integer)) \
-                or self.time_travel_repeats < 1:
-            raise ValueError(f"{who}: time_travel_repeats must be an integer >= 1 (1 = off); "
-                             f"got {self.time_travel_repeats!r}.")
-        grid = timestep_grid(1000, int(self.num_steps))
+        object.__setattr__(self, "seeds", check_seeds(self.seeds, who))
+        check_int(self.num_steps, who, "num_steps", 2)
+        check_choice(self.rule, ("cfg_relative", "freedom"), who, "rule")
+        check_positive(self.cfg_scale, who, "cfg_scale", zero=self.rule != "cfg_relative")
+        check_positive(self.guidance_scale, who, "guidance_scale")
+        check_int(self.time_travel_repeats, who, "time_travel_repeats", 1)
         for label, start, stop in (("guidance", self.guidance_start, self.guidance_stop),
                                    ("time-travel", self.time_travel_start, self.time_travel_stop)):
             if label == "time-travel" and self.time_travel_repeats == 1:
                 continue
-            if not isinstance(start, (int, np.integer)) or not isinstance(stop, (int, np.integer)) or start <= stop:
+            if isinstance(start, bool) or isinstance(stop, bool) or not isinstance(start, (int, np.integer)) \
+                    or not isinstance(stop, (int, np.integer)) or start <= stop:
                 raise ValueError(f"{who}: the {label} window stop < t <= start needs integers with start > stop; "
                                  f"got start={start!r}, stop={stop!r}.")
-            check_window_hits(grid, start, stop, f"{who}: {label} window")
         if self.latent_size is not None:
             size = tuple(self.latent_size)
-            if len(size) != 2 or any(not isinstance(v, (int, np.integer)) or v < 1 for v in size):
+            if len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in size):
                 raise ValueError(f"{who}: latent_size must be None or two positive integers (h, w); "
                                  f"got {self.latent_size!r}.")
             object.__setattr__(self, "latent_size", tuple(int(v) for v in size))
         sampler_by_name(self.sampler)
-        if self.nan_policy not in ("raise", "skip"):
-            raise ValueError(f"{who}: nan_policy must be 'raise' or 'skip'; got {self.nan_policy!r}.")
+        check_nan_policy(self.nan_policy, who)
+
+    def grid(self, schedule):
+        """The sampling grid on the model's own schedule, with both windows checked against it."""
+        who = "TextStyleSettings"
+        grid = model_grid(schedule, self.num_steps, who)
+        check_window(grid, self.guidance_start, self.guidance_stop, who, "the guidance window")
+        if self.time_travel_repeats > 1:
+            check_window(grid, self.time_travel_start, self.time_travel_stop, who, "the time-travel window")
+        return grid
 
     @property
     def measured_prompt(self) -> str:
@@ -181,51 +179,67 @@ def _rule(settings: TextStyleSettings, sd, cond, uncond):
     window = dict(start=settings.guidance_start, stop=settings.guidance_stop)
     if settings.rule == "freedom":
         return freedom_rule(settings.guidance_scale, **window)
-    correction = latent_cfg_correction_fn(sd, cond, uncond, settings.cfg_scale, remat=settings.remat)
+    correction = latent_cfg_correction(sd, cond, uncond, settings.cfg_scale, remat=settings.remat)
     return cfg_relative_rule(settings.guidance_scale, correction, **window)
+
+
+def _decoded(vae, scaling_factor, remat, params, z):
+    sd = StableDiffusion(None, None, vae.value, params, None, None, None, None, scaling_factor)
+    return decode_latents(sd, z, remat=remat)
+
+
+def _style_of_latent(decoder, style_fn, params, z):
+    """The style energy of the decoded latent: ``E(D(z))``; ``params = (vae params, style params)``."""
+    vae, style = params
+    return style_fn(style, decoder(vae, z))
+
+
+def _text_of_latent(decoder, clip_static, params, z):
+    vae, (clip_params, text) = params
+    return clip_text_distance(with_params(clip_static, clip_params), decoder(vae, z), text)
+
+
+def _conditions(models: TextStyleModels, settings: TextStyleSettings, decoder, cond, uncond, style_image,
+                text) -> dict:
+    """name -> Condition: the energies see the decoded ``x0|t``; weights and references are params."""
+    sd, clip = models
+    style = clip_style_energy(clip, style_image, settings.style_layer)
+    rule = _rule(settings, sd, cond, uncond)
+    clip_static = clip_architecture(clip)
+    return {"style": condition("style", static_partial(_style_of_latent, decoder, style.fn), rule,
+                               (sd.vae_params, style.params)),
+            "text": condition("text", static_partial(_text_of_latent, decoder, clip_static), rule,
+                              (sd.vae_params, (clip.params, text)))}
 
 
 def _scheme(settings: TextStyleSettings, scheme: str, conditions: dict):
     """``conditions``: name -> Condition; the scheme uses those of :meth:`condition_names`."""
-    conds = [conditions[name] for name in settings.condition_names(scheme)]
-    return {"none": none, "independent": independent, "dependent": dependent, "multi": multi}[scheme](conds)
+    return scheme_by_name(scheme, [conditions[name] for name in settings.condition_names(scheme)])
 
 
-def _program(models: TextStyleModels, settings: TextStyleSettings, scheme: str):
-    """``run(params, keys, cond, uncond, style, text) -> (latents, images, trace)`` for every seed
-    (vmapped). Network parameters are arguments, not captured constants: a compiled program never
-    embeds the weights and serves any models of the same architecture."""
-    grid = timestep_grid(models.sd.schedule.num_train_steps, settings.num_steps)
-    shape = _latent_shape(models.sd, settings)
+def _sample_and_decode(keys, contexts, denoiser, scheme, sampler, travel, vae_params, *, shape, decoder,
+                       skip_inactive=True):
+    latents, trace, finite = sample_seeds(keys, contexts, denoiser, scheme, sampler, travel, shape=shape,
+                                          skip_inactive=skip_inactive)
+    return latents, jax.vmap(lambda z: decoder(vae_params, z))(latents), trace, finite
+
+
+def _problem(models: TextStyleModels, settings: TextStyleSettings, scheme: str, inputs):
+    """The program's arguments, static options and grid: weights, prompts, the style image and seed
+    values are arguments, so a compiled program serves any models of the same architecture."""
+    sd = models.sd
+    grid = settings.grid(sd.schedule)
+    cond, uncond, style_image, text = inputs
     travel = None if settings.time_travel_repeats == 1 else time_travel(
         settings.time_travel_repeats, settings.time_travel_start, settings.time_travel_stop)
-
-    def run(params, keys, cond, uncond, style_image, text):
-        sd = models.sd._replace(unet_params=params["unet"], vae_params=params["vae"])
-        clip = models.clip._replace(params=params["clip"])
-        eps_fn = latent_eps_fn(sd, cond, uncond, settings.cfg_scale, remat=settings.remat)
-        decode = lambda z: decode_latents(sd, z, remat=settings.remat)
-        rule = _rule(settings, sd, cond, uncond)
-        style = clip_style_energy(clip, style_image, settings.style_layer)
-        conditions = {"style": condition("style", lambda z: style(decode(z)), rule),
-                      "text": condition("text", lambda z: clip_text_distance(clip, decode(z), text), rule)}
-        guidance = _scheme(settings, scheme, conditions)
-
-        def one(key):
-            x_T = jax.random.normal(jax.random.fold_in(key, 0), shape, cond.dtype)
-            z0, trace = sample(jax.random.fold_in(key, 1), x_T[None], eps_fn, sd.schedule, grid, guidance,
-                               settings.sampler, time_travel=travel, nan_policy=settings.nan_policy)
-            return z0[0], decode(z0[0]), jax.tree.map(lambda a: a[0], trace)
-        return jax.vmap(one)(keys)
-
-    return run, grid
-
-
-def _architecture(models: TextStyleModels) -> tuple:
-    """What a compiled program depends on besides its arguments."""
-    sd = models.sd
-    return (repr(sd.unet), repr(sd.vae), models.clip.model.config.to_json_string(), sd.vae_scaling_factor,
-            np.asarray(sd.schedule.alphas_cumprod).tobytes())
+    decoder = static_partial(_decoded, Keyed(sd.vae, repr(sd.vae)), float(sd.vae_scaling_factor), settings.remat)
+    conditions = _conditions(models, settings, decoder, cond, uncond, style_image, text)
+    guidance = _scheme(settings, scheme, conditions)
+    denoiser = latent_denoiser(sd, cond, uncond, settings.cfg_scale, remat=settings.remat)
+    contexts = step_contexts(sd.schedule, grid, cond.dtype)
+    args = (seed_keys(settings.seeds), contexts, denoiser, guidance, sampler_by_name(settings.sampler), travel,
+            sd.vae_params)
+    return args, {"shape": _latent_shape(sd, settings), "decoder": decoder, **skips(guidance, contexts)}, grid
 
 
 class TextStyleSamples(NamedTuple):
@@ -249,65 +263,48 @@ class TextStyleSamples(NamedTuple):
 def _inputs(models: TextStyleModels, settings: TextStyleSettings):
     sd, clip = models
     embeddings = encode_prompt(sd, [settings.prompt, settings.negative_prompt])
-    style = load_style_image(settings.style_image, clip.image_size)
-    keys = jnp.stack([jax.random.PRNGKey(s) for s in settings.seeds])
-    params = {"unet": sd.unet_params, "vae": sd.vae_params, "clip": clip.params}
-    text = text_embedding(clip, settings.measured_prompt)
-    return params, keys, embeddings[0], embeddings[1], jnp.asarray(style), text
+    style = jnp.asarray(load_style_image(settings.style_image, clip.image_size))
+    return embeddings[0], embeddings[1], style, text_embedding(clip, settings.measured_prompt)
 
 
 def sample_text_style(models: TextStyleModels, settings: TextStyleSettings, scheme: Optional[str] = None, *,
-                      cache: Optional[dict] = None, compiler_options: Optional[dict] = None) -> TextStyleSamples:
+                      programs: Optional[Programs] = None,
+                      compiler_options: Optional[dict] = None) -> TextStyleSamples:
     """Run ``scheme`` (default ``settings.scheme``) for every seed: one compiled program, seeds vmapped.
 
-    ``cache``: a dict reused across calls keeps compiled programs; weights, prompts, style image
-    and seed values are program arguments, so only a new architecture, scheme, grid, number of
-    seeds or other static setting compiles again. ``compiler_options`` are passed to XLA's ``compile``.
+    ``programs`` (default the process-wide cache) keeps compiled programs; weights, prompts, style
+    image and seed values are program arguments, so only a new architecture, scheme, grid length,
+    number of seeds or other static setting compiles again. ``compiler_options`` are passed to XLA.
     Raises ``FloatingPointError`` naming condition, seed and step if guidance went non-finite
     (``settings.nan_policy='skip'`` keeps the samples).
     """
     scheme = settings.scheme if scheme is None else scheme
-    if scheme not in TEXT_STYLE_SCHEMES:
-        raise ValueError(f"sample_text_style: scheme must be one of {TEXT_STYLE_SCHEMES}; got {scheme!r}.")
-    args = _inputs(models, settings)
-    # Everything that is not a program argument decides which compiled program serves this call.
-    key = dataclasses.replace(settings, scheme=scheme, prompt="-", clip_prompt=None, negative_prompt="",
-                              style_image="-", seeds=tuple(range(len(settings.seeds))))
-    options = None if compiler_options is None else tuple(sorted(compiler_options.items()))
-    key = (key, _architecture(models), options)
-    cache = {} if cache is None else cache
-    start = time.perf_counter()
-    if key not in cache:
-        run, grid = _program(models, settings, scheme)
-        cache[key] = jax.jit(run).lower(*args).compile(compiler_options=compiler_options), grid
-    compiled, grid = cache[key]
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    latents, images, trace = jax.block_until_ready(compiled(*args))
-    run_s = time.perf_counter() - start
-    trace = jax.tree.map(np.asarray, trace)
+    check_choice(scheme, TEXT_STYLE_SCHEMES, "sample_text_style", "scheme")
+    args, static, grid = _problem(models, settings, scheme, _inputs(models, settings))
+    programs = PROGRAMS if programs is None else programs
+    (latents, images, trace, finite), compile_s, run_s = programs.call(_sample_and_decode, args, static,
+                                                                       compiler_options)
     names = settings.condition_names(scheme)
-    _check_finite(trace.finite, names, settings, grid)
-    return TextStyleSamples(scheme, np.asarray(latents), np.clip(np.asarray(images), -1.0, 1.0), trace, names,
-                            np.asarray(grid.t), compile_s, run_s)
-
-
-def _check_finite(finite, names, settings, grid):
-    if finite.all():
-        return
-    s, i, c = map(int, np.argwhere(~finite)[0])
-    message = (f"text-style: guidance produced non-finite values for condition {names[c]!r}: first at seed "
-               f"{settings.seeds[s]}, step {i} (t={int(grid.t[i])}); the guidance of those steps was dropped. "
-               "Lower the guidance scale, or keep such samples with nan_policy='skip'.")
-    if settings.nan_policy == "raise":
-        raise FloatingPointError(message)
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    check_finite(finite[..., :len(names)], names, settings.seeds, grid.t, settings.nan_policy, "text-style",
+                 "Lower the guidance scale.")
+    return TextStyleSamples(scheme, latents, np.clip(images, -1.0, 1.0), trace, names, np.asarray(grid.t),
+                            compile_s, run_s)
 
 
 def content_layer(clip: Clip, settings: TextStyleSettings) -> int:
     """The content metric's CLIP ``hidden_states`` index (default: half the vision depth)."""
     depth = int(clip.model.config.vision_config.num_hidden_layers)
     return max(1, depth // 2) if settings.content_layer is None else int(settings.content_layer)
+
+
+def _metrics(params, style, text, images, contents, *, clip_static, style_layer, content_layer):
+    clip = with_params(clip_static, params)
+
+    def one(image, content):
+        return {"content_loss": clip_content_loss(clip, image, content, content_layer),
+                "style_loss": clip_style_loss(clip, image, style, style_layer),
+                "text_distance": clip_text_distance(clip, image, text)}
+    return jax.vmap(one)(images, contents)
 
 
 def text_style_metrics(models: TextStyleModels, settings: TextStyleSettings, images, content_images) -> dict:
@@ -317,13 +314,10 @@ def text_style_metrics(models: TextStyleModels, settings: TextStyleSettings, ima
     clip = models.clip
     style = jnp.asarray(load_style_image(settings.style_image, clip.image_size))
     text = text_embedding(clip, settings.measured_prompt)
-    layer = content_layer(clip, settings)
-
-    def one(image, content):
-        return {"content_loss": clip_content_loss(clip, image, content, layer),
-                "style_loss": clip_style_loss(clip, image, style, settings.style_layer),
-                "text_distance": clip_text_distance(clip, image, text)}
-    values = jax.jit(jax.vmap(one))(jnp.asarray(images), jnp.asarray(content_images))
+    static = {"clip_static": clip_architecture(clip), "style_layer": settings.style_layer,
+              "content_layer": content_layer(clip, settings)}
+    values, _, _ = PROGRAMS.call(_metrics, (clip.params, style, text, jnp.asarray(images), jnp.asarray(content_images)),
+                                 static)
     return {name: np.asarray(values[name], np.float64) for name in METRICS}
 
 
@@ -336,20 +330,19 @@ class TextStyleResult(NamedTuple):
     reference_metrics: Dict[str, np.ndarray]
 
 
-def run_text_style(models: TextStyleModels, settings: TextStyleSettings, *, cache: Optional[dict] = None,
+def run_text_style(models: TextStyleModels, settings: TextStyleSettings, *, programs: Optional[Programs] = None,
                    compiler_options: Optional[dict] = None,
                    progress: Optional[Callable[[str], None]] = None) -> TextStyleResult:
     """Plain CFG samples (the content references) and ``settings.scheme``'s samples for every seed,
     and the metrics of both (the reference's content loss is 0 by construction).
     ``progress(label)`` is called before each stage."""
     progress = progress or (lambda label: None)
-    cache = {} if cache is None else cache
     progress("plain SD (content reference)")
-    reference = sample_text_style(models, settings, "none", cache=cache, compiler_options=compiler_options)
+    reference = sample_text_style(models, settings, "none", programs=programs, compiler_options=compiler_options)
     guided = reference
     if settings.scheme != "none":
         progress(settings.scheme)
-        guided = sample_text_style(models, settings, cache=cache, compiler_options=compiler_options)
+        guided = sample_text_style(models, settings, programs=programs, compiler_options=compiler_options)
     progress("metrics")
     both = text_style_metrics(models, settings, np.concatenate([guided.images, reference.images]),
                               np.concatenate([reference.images, reference.images]))
@@ -398,10 +391,10 @@ def _save_grid(path, result: TextStyleResult, style) -> None:
 
 def _summary(samples: TextStyleSamples) -> dict:
     guided = samples.trace.guided[0]
+    norms = contribution_norms(samples.trace, samples.scheme)
     return {"compile_s": round(samples.compile_s, 3), "run_s": round(samples.run_s, 3),
             "guided_steps": int(np.sum(guided)),
-            "mean_displacement_norm": {name: float(np.mean(samples.trace.displacement_norms[:, guided, i]))
-                                       if guided.any() else None
+            "mean_displacement_norm": {name: float(np.mean(norms[:, guided, i])) if guided.any() else None
                                        for i, name in enumerate(samples.condition_names)}}
 
 

@@ -1,5 +1,8 @@
 """PyTorch reference of facenet-pytorch's MTCNN ONet (written from its layer list; state-dict keys are
-those of facenet_pytorch/data/onet.pt). NCHW input, already cropped to 48x48 and normalised."""
+those of facenet_pytorch/data/onet.pt). NCHW input, already cropped to 48x48 and normalised.
+:func:`from_config` builds the network an ``ONetConfig`` describes."""
+import math
+
 import torch
 from torch import nn
 
@@ -26,6 +29,22 @@ class TorchONet(nn.Module):
         x = self.prelu5(self.dense5(x))
         return {"prob": torch.softmax(self.dense6_1(x), dim=1), "box": self.dense6_2(x),
                 "landmarks": self.dense6_3(x)}
+
+
+def feature_size(input_size):
+    """Side of conv4's output for a square input: convs 3, 3, 3, 2 (no padding), max-pools 3/2, 3/2, 2/2
+    in ceil mode after the first three (26 -> 1, 48 -> 3)."""
+    side = input_size
+    for kernel, pool in ((3, (3, 2)), (3, (3, 2)), (3, (2, 2)), (2, None)):
+        side -= kernel - 1
+        if pool is not None:
+            side = math.ceil((side - pool[0]) / pool[1]) + 1
+    return side
+
+
+def from_config(config):
+    """The network of an ``ONetConfig`` (any object with its fields), eval mode."""
+    return TorchONet(tuple(config.widths), config.hidden, feature_size(config.input_size)).eval()
 
 
 def randomize_(module, seed=0):

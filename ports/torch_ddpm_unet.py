@@ -1,6 +1,7 @@
 """PyTorch reference of the ermongroup/ddim ``Model`` UNet (SDEdit's CelebA-HQ DDPM), written for the
-parity tests: its ``state_dict`` keys are those of the published checkpoint (``temb.dense.0``,
-``down.{i}.block.{j}.norm1``, ``mid.attn_1.q``, ``up.{i}.upsample.conv``, ...). Images are NCHW."""
+parity checks: its ``state_dict`` keys are those of the published checkpoint (``temb.dense.0``,
+``down.{i}.block.{j}.norm1``, ``mid.attn_1.q``, ``up.{i}.upsample.conv``, ...). Images are NCHW.
+:func:`from_config` builds the network a ``DDPMUNetConfig`` describes."""
 import math
 
 import torch
@@ -153,6 +154,11 @@ class Model(nn.Module):
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(swish(self.norm_out(h)))
+
+
+def from_config(config):
+    """The network of a ``DDPMUNetConfig`` (any object with its fields), eval mode."""
+    return Model(config).eval()
 
 
 def randomize_(model, seed=0):

@@ -1,6 +1,7 @@
 """PyTorch reference BiSeNet (zllrunning/face-parsing.PyTorch ``model.py`` + ``resnet.py``), written
-for the parity tests: same module names, so ``state_dict()`` keys equal those of ``79999_iter.pth``,
-with width/depth knobs for tiny variants and no torchvision download at construction."""
+for the parity checks: same module names, so ``state_dict()`` keys equal those of ``79999_iter.pth``,
+with width/depth knobs for tiny variants (:func:`from_config` maps a ``BiSeNetConfig`` onto them) and
+no torchvision download at construction. NCHW input; returns the main and the two aux heads."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -126,3 +127,9 @@ class BiSeNet(nn.Module):
         feat_res8, feat_cp8, feat_cp16 = self.cp(x)
         heads = (self.conv_out(self.ffm(feat_res8, feat_cp8)), self.conv_out16(feat_cp8), self.conv_out32(feat_cp16))
         return tuple(F.interpolate(h, size, mode="bilinear", align_corners=True) for h in heads)
+
+
+def from_config(config):
+    """The network of a ``BiSeNetConfig`` (any object with its fields), eval mode."""
+    return BiSeNet(n_classes=config.n_classes, widths=config.resnet_widths, blocks=config.resnet_blocks,
+                   ctx=config.context_channels, fuse=config.fuse_channels, aux_mid=config.aux_mid_channels).eval()

@@ -1,6 +1,7 @@
 """PyTorch reference of TreB1eN/InsightFace_Pytorch's ``Backbone(num_layers, drop_ratio, mode='ir_se')``
 (written from its layer list; module names give the state-dict keys of ``model_ir_se50.pth``).
-NCHW input, already cropped to 112x112; returns unit-norm embeddings."""
+NCHW input, already cropped to 112x112; returns unit-norm embeddings. :func:`from_config` builds the
+network an ``ArcFaceConfig`` describes."""
 import torch
 from torch import nn
 
@@ -21,16 +22,17 @@ class SEModule(nn.Module):
 
 
 class BottleneckIRSE(nn.Module):
-    def __init__(self, in_channel, depth, stride):
+    def __init__(self, in_channel, depth, stride, reduction=16, eps=1e-5):
         super().__init__()
         if in_channel == depth:
             self.shortcut_layer = nn.MaxPool2d(1, stride)
         else:
             self.shortcut_layer = nn.Sequential(nn.Conv2d(in_channel, depth, 1, stride, bias=False),
-                                                nn.BatchNorm2d(depth))
+                                                nn.BatchNorm2d(depth, eps=eps))
         self.res_layer = nn.Sequential(
-            nn.BatchNorm2d(in_channel), nn.Conv2d(in_channel, depth, 3, 1, 1, bias=False), nn.PReLU(depth),
-            nn.Conv2d(depth, depth, 3, stride, 1, bias=False), nn.BatchNorm2d(depth), SEModule(depth, 16))
+            nn.BatchNorm2d(in_channel, eps=eps), nn.Conv2d(in_channel, depth, 3, 1, 1, bias=False), nn.PReLU(depth),
+            nn.Conv2d(depth, depth, 3, stride, 1, bias=False), nn.BatchNorm2d(depth, eps=eps),
+            SEModule(depth, reduction))
 
     def forward(self, x):
         return self.res_layer(x) + self.shortcut_layer(x)
@@ -38,27 +40,34 @@ class BottleneckIRSE(nn.Module):
 
 class TorchArcFace(nn.Module):
     def __init__(self, num_layers=50, stage_units=None, widths=(64, 128, 256, 512), input_size=112,
-                 embedding_size=512, drop_ratio=0.6):
+                 embedding_size=512, drop_ratio=0.6, se_reduction=16, bn_eps=1e-5):
         super().__init__()
         units = stage_units or STAGE_UNITS[num_layers]
-        self.input_layer = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
-                                         nn.PReLU(widths[0]))
+        self.input_layer = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
+                                         nn.BatchNorm2d(widths[0], eps=bn_eps), nn.PReLU(widths[0]))
         body, in_channel = [], widths[0]
         for depth, n in zip(widths, units):
             for i in range(n):
-                body.append(BottleneckIRSE(in_channel, depth, 2 if i == 0 else 1))
+                body.append(BottleneckIRSE(in_channel, depth, 2 if i == 0 else 1, se_reduction, bn_eps))
                 in_channel = depth
         self.body = nn.Sequential(*body)
         side = input_size
         for _ in widths:
             side = (side + 1) // 2
-        self.output_layer = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.Dropout(drop_ratio), nn.Flatten(),
-                                          nn.Linear(widths[-1] * side * side, embedding_size),
-                                          nn.BatchNorm1d(embedding_size))
+        self.output_layer = nn.Sequential(nn.BatchNorm2d(widths[-1], eps=bn_eps), nn.Dropout(drop_ratio),
+                                          nn.Flatten(), nn.Linear(widths[-1] * side * side, embedding_size),
+                                          nn.BatchNorm1d(embedding_size, eps=bn_eps))
 
     def forward(self, x):
         x = self.output_layer(self.body(self.input_layer(x)))
         return x / torch.norm(x, 2, 1, True)
+
+
+def from_config(config):
+    """The network of an ``ArcFaceConfig`` (any object with its fields), eval mode."""
+    return TorchArcFace(stage_units=config.units, widths=config.widths, input_size=config.input_size,
+                        embedding_size=config.embedding_size, se_reduction=config.se_reduction,
+                        bn_eps=config.bn_eps).eval()
 
 
 def randomize_(module, seed=0):
