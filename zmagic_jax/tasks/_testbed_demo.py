@@ -216,7 +216,7 @@ def write_testbed_demo(out: Path, plan: DemoPlan, progress: Optional[Callable] =
                 "mean_guided_cosine": None if which is None else _num(mean_guided_cosine(trace, which)),
                 "diverged_samples": int((~ok).sum()),
                 "dropped_guidance_steps": float(1.0 - finite.all(-1).mean()),
-                "wall_time_s": round(seconds, 3),
+                "wall_time_s": round(seconds, 6),
             }
             report["results"].append(entry)
             if run.setting == "pair":
