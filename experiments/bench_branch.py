@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -34,28 +33,9 @@ sys.path.insert(0, str(HERE))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 import zmagic_jax as zm  # noqa: E402
-
-
-def _compiled(fn, args, static=()):
-    start = time.perf_counter()
-    compiled = jax.jit(fn, static_argnames=static).lower(*args).compile()
-    return compiled, time.perf_counter() - start
-
-
-def _time_round_robin(calls: dict, repeats: int) -> dict:
-    """``name -> (compiled, args)``: one warm-up each, then ``repeats`` rounds, one call of each."""
-    for compiled, args in calls.values():
-        jax.block_until_ready(compiled(*args))
-    seconds = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, (compiled, args) in calls.items():
-            start = time.perf_counter()
-            jax.block_until_ready(compiled(*args))
-            seconds[name].append(time.perf_counter() - start)
-    return {name: float(np.median(v)) for name, v in seconds.items()}
+from bench_schemes import compile_step, time_round_robin  # noqa: E402
 
 
 def _unet_grad(denoiser, ctx, x):
@@ -80,20 +60,20 @@ def tiny_sd(repeats: int) -> dict:
     scheme = zm.independent(bts.jax_conditions(m))
     x, key = jnp.asarray(m.x[0]), jax.random.PRNGKey(0)
     report, calls = {}, {}
-    for name, fn, args, static in [
-            ("unet_grad", _unet_grad, (denoiser, m.ctx, x), ()),
-            ("unet_grad_in_cond", _unet_grad_in_cond, (denoiser, m.ctx, x, jnp.asarray(True)), ()),
-            ("step_no_branch", lambda d, s, k, x, c: _step(d, s, k, x, c, False), (denoiser, scheme, key, x, m.ctx), ()),
-            ("step_in_branch", lambda d, s, k, x, c: _step(d, s, k, x, c, True), (denoiser, scheme, key, x, m.ctx), ())]:
-        compiled, seconds = _compiled(fn, args, static)
+    for name, fn, args in [
+            ("unet_grad", _unet_grad, (denoiser, m.ctx, x)),
+            ("unet_grad_in_cond", _unet_grad_in_cond, (denoiser, m.ctx, x, jnp.asarray(True))),
+            ("step_no_branch", lambda d, s, k, x, c: _step(d, s, k, x, c, False), (denoiser, scheme, key, x, m.ctx)),
+            ("step_in_branch", lambda d, s, k, x, c: _step(d, s, k, x, c, True), (denoiser, scheme, key, x, m.ctx))]:
+        compiled, seconds, _ = compile_step(fn, args)
         calls[name] = (compiled, args)
         report[name] = {"compile_seconds": seconds}
         print(f"  tiny_sd: compiled {name} in {seconds:.1f} s", flush=True)
     a = calls["step_no_branch"][0](*calls["step_no_branch"][1])
     b = calls["step_in_branch"][0](*calls["step_in_branch"][1])
     report["steps_max_relative_difference"] = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
-    for name, value in _time_round_robin(calls, repeats).items():
-        report[name]["seconds_median"] = value
+    for name, value in time_round_robin(calls, repeats).items():
+        report[name].update(value)
     report["ratio_unet_grad_in_cond"] = report["unet_grad_in_cond"]["seconds_median"] / report["unet_grad"]["seconds_median"]
     report["ratio_step_in_branch"] = report["step_in_branch"]["seconds_median"] / report["step_no_branch"]["seconds_median"]
     return report
@@ -110,12 +90,12 @@ def digits(repeats: int) -> dict:
     report, calls = {"every_step_guided": not static["skip_inactive"]}, {}
     for name, skip in (("run_no_branch", False), ("run_in_branch", True)):
         options = dict(static, skip_inactive=skip)
-        compiled, seconds = _compiled(lambda *a, options=options: sample_seeds(*a, **options), args)
+        compiled, seconds, _ = compile_step(lambda *a, options=options: sample_seeds(*a, **options), args)
         calls[name] = (compiled, args)
         report[name] = {"compile_seconds": seconds}
         print(f"  digits: compiled {name} in {seconds:.1f} s", flush=True)
-    for name, value in _time_round_robin(calls, repeats).items():
-        report[name]["seconds_median"] = value
+    for name, value in time_round_robin(calls, repeats).items():
+        report[name].update(value)
     report["ratio_run_in_branch"] = report["run_in_branch"]["seconds_median"] / report["run_no_branch"]["seconds_median"]
     return report
 
