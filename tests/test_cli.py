@@ -4,6 +4,7 @@ import json
 import pytest
 
 from zmagic_jax import cli
+from zmagic_jax._io import MARKER
 
 # With tests/tasks/test_digits.py (same testbed settings): the demo's programs compile once.
 pytestmark = pytest.mark.xdist_group("demo")
@@ -16,7 +17,7 @@ FIGURES = {"cosines.png", "energy_curves_d2.png", "samples_d2.png", "landscape_d
 def test_demo_writes_report_figures_and_table(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--out", str(out), *ARGS]) == 0
-    assert {p.name for p in out.iterdir()} == FIGURES | {"report.json"}
+    assert {p.name for p in out.iterdir()} == FIGURES | {"report.json", MARKER}
     for name in FIGURES:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "report.json").read_text())
@@ -24,8 +25,8 @@ def test_demo_writes_report_figures_and_table(tmp_path, capsys):
     schemes = [(r["setting"], r["scheme"]) for r in report["results"]]
     assert schemes == [("pair", "exact posterior"), ("triple", "exact posterior"),
                        ("pair", "none"), ("pair", "independent"), ("pair", "dependent (1->2)"),
-                       ("pair", "dependent (2->1)"), ("pair", "multi"), ("triple", "independent [3]"),
-                       ("triple", "multi [3]")]
+                       ("pair", "dependent (1->2) trust"), ("pair", "dependent (2->1)"), ("pair", "multi"),
+                       ("triple", "independent [3]"), ("triple", "multi [3]"), ("triple", "multi [3] trust")]
     for r in report["results"][2:]:
         assert set(r["final_energy"]) == set(r["conditions"])
         assert r["energy_distance"] >= 0 and r["sliced_wasserstein"] >= 0 and r["wall_time_s"] > 0
@@ -43,6 +44,7 @@ def test_failing_demo_leaves_no_half_written_output(tmp_path, monkeypatch, error
     out = tmp_path / "demo"
     out.mkdir()
     (out / "report.json").write_text("previous run")
+    (out / MARKER).write_text('{"tool": "zmagic_jax"}')  # a previous output of zmagic
 
     def boom(*args, **kwargs):
         raise error
@@ -51,7 +53,7 @@ def test_failing_demo_leaves_no_half_written_output(tmp_path, monkeypatch, error
     monkeypatch.setattr(_testbed_demo, "_runs", lambda conds: original(conds)[:2])
     monkeypatch.setattr(_testbed_demo.figures, "plot_scatter", boom)
     with pytest.raises(type(error)):
-        cli.main(["demo", "--out", str(out), *ARGS])
+        cli.main(["demo", "--out", str(out), "--overwrite", *ARGS])
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no temporary folder left behind
     assert (out / "report.json").read_text() == "previous run"  # the earlier output is untouched
 

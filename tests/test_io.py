@@ -22,9 +22,9 @@ def test_atomic_output_dir_swaps_in_and_cleans_up(tmp_path):
         assert not out.exists()
     assert (out / "x.txt").read_text() == "new"
     assert stat.S_IMODE(os.stat(out).st_mode) & 0o055
-    with pytest.raises(ValueError):
-        with atomic_output_dir(out) as staging:
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(out, overwrite=True) as staging:
             (staging / "x.txt").write_text("half")
-            raise ValueError("fails midway")
+            raise RuntimeError("fails midway")
     assert (out / "x.txt").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

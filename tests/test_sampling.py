@@ -173,9 +173,54 @@ def test_non_finite_energy_raises_under_an_outer_jit():
     (lambda g, x: zm.cfg_relative_rule(-1.0, DEN), "factor"),
     (lambda g, x: zm.cfg_relative_rule(0.2, lambda x, t: x), "correction"),
     (lambda g, x: zm.step_context(SCHEDULE, g, 10), "index"),
+    (lambda g, x: zm.sample(jnp.array([0.0, 1.0]), x, SCHEDULE, g, denoiser=DEN), "key"),
+    (lambda g, x: _sample(jax.random.PRNGKey(0), x, zm.TimestepGrid(np.array([], int), np.array([], int))), "length"),
+    (lambda g, x: _sample(jax.random.PRNGKey(0), x, zm.TimestepGrid(np.array([900, 500]), np.array([500]))),
+     "same length"),
+    (lambda g, x: _sample(jax.random.PRNGKey(0), x.astype(jnp.float16), g), "x_T has dtype float16"),
+    (lambda g, x: _sample(jax.random.PRNGKey(0), x.astype(jnp.bfloat16), g), "x_T has dtype bfloat16"),
+    (lambda g, x: zm.sample(jax.random.PRNGKey(0), x, SCHEDULE, g, denoiser=zm.Denoiser(
+        lambda p, x, t: (x * p).astype(jnp.float16), 1.0)), "returned float16 eps"),
+    (lambda g, x: _sample(jax.random.PRNGKey(0), x, g, zm.independent([
+        zm.condition("argmax", lambda p, x0: jnp.argmax(x0), zm.freedom_rule(1.0))])), "argmax"),
 ])
 def test_bad_input_names_the_argument(call, word):
     grid = zm.timestep_grid(1000, 10)
     x = jnp.zeros((2, 3))
     with pytest.raises(ValueError, match=word):
         call(grid, x)
+
+
+def nan_eps(params, x, t):
+    return x * jnp.where(t < 500, jnp.nan, 1.0)
+
+
+@pytest.mark.parametrize("scheme", [zm.none(), zm.none([C1]), zm.independent([C1])], ids=["none", "none1", "ind"])
+def test_a_non_finite_denoiser_is_reported_as_the_denoisers(scheme):
+    grid = zm.timestep_grid(1000, 4)  # t = 750, 500, 250, 0: eps turns NaN at step 2
+    with pytest.raises(FloatingPointError, match=r"denoiser returned non-finite eps at sample 0, step 2 \(t=250\)"):
+        zm.sample(jax.random.PRNGKey(0), jnp.ones((2, 3)), SCHEDULE, grid, denoiser=zm.Denoiser(nan_eps, None),
+                  scheme=scheme, sampler=POSTERIOR)
+
+
+def test_the_condition_that_failed_is_named_not_a_healthy_one():
+    bad = zm.condition("logzero", log_zero, zm.freedom_rule(1.0))
+    for conditions in ([C1, bad], [bad, C1]):
+        with pytest.raises(FloatingPointError) as err:
+            _sample(jax.random.PRNGKey(1), jnp.ones((2, 3)), zm.timestep_grid(1000, 3), zm.independent(conditions))
+        assert "['logzero']" in str(err.value) and "'left'" not in str(err.value)
+
+
+@pytest.mark.parametrize("energy", [lambda p, x0: jnp.argmax(x0).astype(jnp.float32),
+                                    lambda p, x0: jnp.sum(jnp.round(x0)),
+                                    lambda p, x0: jax.lax.stop_gradient(jnp.sum(x0 ** 2))],
+                         ids=["argmax", "round", "stop_gradient"])
+def test_an_energy_without_gradient_warns_once_before_the_run(energy):
+    flat = zm.condition("flat", energy, zm.freedom_rule(1.0))
+    with pytest.warns(RuntimeWarning, match="'flat' has a gradient that is zero everywhere"):
+        zm.sample(jax.random.PRNGKey(0), jnp.ones((1, 3)), SCHEDULE, zm.timestep_grid(1000, 2), denoiser=DEN,
+                  scheme=zm.independent([flat]), sampler=POSTERIOR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a differentiable energy: no warning
+        zm.sample(jax.random.PRNGKey(0), jnp.ones((1, 3)), SCHEDULE, zm.timestep_grid(1000, 2), denoiser=DEN,
+                  scheme=zm.independent([C1]), sampler=POSTERIOR)

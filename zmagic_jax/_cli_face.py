@@ -11,9 +11,11 @@ class FlagError(ValueError):
 
 
 def add_face(sub) -> None:
+    from zmagic_jax.cli import HelpFormatter, add_nan_policy, add_overwrite
     from zmagic_jax.tasks import FACE_SCHEMES, FACE_TASKS
 
-    p = sub.add_parser("face", help="face creation on the CelebA-HQ DDPM: text, parsing, identity, landmarks",
+    p = sub.add_parser("face", formatter_class=HelpFormatter,
+                       help="face creation on the CelebA-HQ DDPM: text, parsing, identity, landmarks",
                        description="Sample faces from the pixel DDPM guided by a reference face's identity (ArcFace), "
                                    "a parsing map (BiSeNet), landmarks and/or a prompt (CLIP). Defaults follow "
                                    "FreeDoM's face settings. Writes one PNG per seed and run, grid.png and "
@@ -38,19 +40,26 @@ def add_face(sub) -> None:
                    help="independent = FreeDoM; dependent = Z-Magic Algorithm 1; multi = CAGrad over ordered pairs")
     p.add_argument("--order", type=int, nargs=2, default=[0, 1], metavar=("LEADER", "FOLLOWER"),
                    help="dependent: which condition of the task leads (1 0 = the second)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one image per seed")
-    p.add_argument("--steps", type=int, default=100, help="sampling steps (of 1000)")
-    p.add_argument("--eta", type=float, default=0.5, help="noise fraction of FreeDoM's mixing sampler")
-    p.add_argument("--text-factor", type=float, default=0.02, help="text: norm rule factor")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one image per seed (distinct, >= 0)")
+    p.add_argument("--steps", type=int, default=100, help="sampling steps (2..the model's training steps)")
+    p.add_argument("--eta", type=float, default=0.5, help="noise fraction of FreeDoM's mixing sampler (0..1)")
+    p.add_argument("--text-factor", type=float, default=0.02, help="text: norm rule factor (finite, > 0)")
     for name, scale, stop in (("segmentation", 0.2, 200), ("identity", 100.0, 100), ("landmark", 500.0, 200)):
-        p.add_argument(f"--{name}-scale", type=float, default=scale, help=f"{name}: rho_t = sqrt(ab_t) * scale")
+        p.add_argument(f"--{name}-scale", type=float, default=scale,
+                       help=f"{name}: rho_t = sqrt(ab_t) * scale (finite, > 0)")
         p.add_argument(f"--{name}-stop", type=int, default=stop, help=f"{name}: guided for t > stop")
     p.add_argument("--parse-size", type=int, default=512, help="BiSeNet input size")
-    p.add_argument("--out", default="out/face", help="output folder (replaced atomically at the end)")
+    p.add_argument("--out", default="out/face",
+                   help="output folder (new, empty, or a previous zmagic output with --overwrite)")
+    add_overwrite(p)
+    add_nan_policy(p)
 
 
 _FLAGS = {"landmark_box": "--landmark-box", "seeds": "--seeds", "num_steps": "--steps", "eta": "--eta",
-          "prompt": "--prompt", "order": "--order", "scheme": "--scheme"}
+          "prompt": "--prompt", "order": "--order", "scheme": "--scheme", "text_factor": "--text-factor",
+          "parse_size": "--parse-size", "nan_policy": "--nan-policy",
+          **{f"{name}_{kind}": f"--{name}-{kind}" for name in ("segmentation", "identity", "landmark")
+             for kind in ("scale", "stop")}}
 
 
 def _settings(args):
@@ -62,7 +71,8 @@ def _settings(args):
                             identity_scale=args.identity_scale, identity_stop=args.identity_stop,
                             landmark_scale=args.landmark_scale, landmark_stop=args.landmark_stop,
                             parse_size=args.parse_size, landmark_net=args.landmark_net,
-                            landmark_box=None if args.landmark_box is None else tuple(args.landmark_box))
+                            landmark_box=None if args.landmark_box is None else tuple(args.landmark_box),
+                            nan_policy=args.nan_policy)
     except ValueError as err:
         text = str(err)
         for field, flag in _FLAGS.items():
@@ -129,9 +139,11 @@ def _references(args, settings, resolution: int):
 
 
 def run_face(args) -> int:
+    from zmagic_jax._io import check_output_dir
     from zmagic_jax.tasks import run_faces, save_faces
 
     settings = _settings(args)
+    check_output_dir(args.out, overwrite=args.overwrite, flag="--out")
     with tqdm(total=4, desc="zmagic face: load networks", unit="stage", file=sys.stderr) as bar:
         models = _load_models(args, settings)
         references = _references(args, settings, int(models.unet.module.config.resolution))
@@ -141,7 +153,7 @@ def run_face(args) -> int:
             bar.set_description(f"zmagic face: {label}")
         result = run_faces(models, settings, references, progress=progress)
         bar.update(bar.total - bar.n)
-    report = save_faces(args.out, result, references)
+    report = save_faces(args.out, result, references, overwrite=args.overwrite)
     print(f"\n{settings.task} ({settings.num_steps} steps, eta {settings.eta}, seeds {list(settings.seeds)}); "
           "metrics: mean ± std over seeds (lower is closer to the target).")
     print(_table(report))
@@ -150,22 +162,25 @@ def run_face(args) -> int:
 
 
 def add_convert(sub) -> None:
+    from zmagic_jax.cli import HelpFormatter
     from zmagic_jax.ports import PORTS
 
-    p = sub.add_parser("convert", help="convert a PyTorch checkpoint of a ported network to .safetensors",
+    p = sub.add_parser("convert", formatter_class=HelpFormatter,
+                       help="convert a PyTorch checkpoint of a ported network to .safetensors",
                        description="Read a published PyTorch checkpoint (no PyTorch needed), check that every tensor "
                                    "maps onto the Flax network, and write Flax params with the network name and "
                                    "config in the file header (loaded back without a config).")
     p.add_argument("network", choices=sorted(PORTS))
     p.add_argument("source", help="PyTorch checkpoint (.pt, .pth, .ckpt, .tar, .bin)")
-    p.add_argument("destination", help="output .safetensors file (written atomically)")
+    p.add_argument("destination", help="output .safetensors file (new, or a file zmagic converted with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a destination that zmagic converted earlier")
 
 
 def run_convert(args) -> int:
     from zmagic_jax.ports import PORTS, CheckpointMismatchError, convert_file
 
     try:
-        convert_file(PORTS[args.network], args.source, args.destination)
+        convert_file(PORTS[args.network], args.source, args.destination, overwrite=args.overwrite)
     except CheckpointMismatchError as err:
         raise FlagError(str(err)) from err
     except FileNotFoundError as err:

@@ -160,46 +160,57 @@ def _read_zip(path) -> object:
 
 
 def _read_legacy(path) -> object:
-    with open(path, "rb") as f:
-        def plain():
-            return _Unpickler(f, _no_storage).load()
+    # Read from memory: every length the file claims is then bounded by what it holds (a damaged
+    # length reads short and fails; it never allocates more than the file's size).
+    with open(path, "rb") as handle:
+        f = io.BytesIO(handle.read())
 
-        if plain() != LEGACY_MAGIC:
-            raise ValueError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor the legacy format)")
-        plain()  # protocol version
-        plain()  # system info (endianness, type sizes)
-        roots: dict = {}
-        views: list = []
+    def plain():
+        return _Unpickler(f, _no_storage).load()
 
-        def load_storage(pid):
-            _, storage_type, key, _location, numel = pid[:5]
-            view = pid[5] if len(pid) > 5 else None
-            if key not in roots:
-                roots[key] = (storage_type.dtype, int(numel), [])
-            if view is None:
-                holder: list = []
-                roots[key][2].append(holder)
-                return _LazyStorage(holder)
-            view_key, offset, view_size = view
-            holder = []
-            views.append((key, int(offset), int(view_size), holder))
+    if plain() != LEGACY_MAGIC:
+        raise ValueError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor the legacy format)")
+    plain()  # protocol version
+    plain()  # system info (endianness, type sizes)
+    roots: dict = {}
+    views: list = []
+
+    def load_storage(pid):
+        _, storage_type, key, _location, numel = pid[:5]
+        view = pid[5] if len(pid) > 5 else None
+        if key not in roots:
+            roots[key] = (storage_type.dtype, int(numel), [])
+        if view is None:
+            holder: list = []
+            roots[key][2].append(holder)
             return _LazyStorage(holder)
+        view_key, offset, view_size = view
+        holder = []
+        views.append((key, int(offset), int(view_size), holder))
+        return _LazyStorage(holder)
 
-        obj = _Unpickler(f, load_storage).load()
-        keys = plain()
-        data = {}
-        for key in keys:
-            dtype, numel, _ = roots[key]
-            (count,) = struct.unpack("<q", f.read(8))
-            raw = f.read(count * dtype.itemsize)
-            if count != numel or len(raw) != count * dtype.itemsize:
-                raise ValueError(f"{path}: storage {key} is truncated or damaged")
-            data[key] = np.frombuffer(raw, dtype=dtype).copy()
-        for key, (_, _, holders) in roots.items():
-            for holder in holders:
-                holder.append(data[key])
-        for key, offset, view_size, holder in views:
-            holder.append(data[key][offset: offset + view_size])
+    obj = _Unpickler(f, load_storage).load()
+    keys = plain()
+    data = {}
+    for key in keys:
+        if key not in roots:
+            raise ValueError(f"{path}: storage {key!r} is listed but no tensor uses it (damaged file)")
+        dtype, numel, _ = roots[key]
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path}: storage {key} is truncated")
+        (count,) = struct.unpack("<q", head)
+        if count != numel or count < 0:
+            raise ValueError(f"{path}: storage {key} is damaged ({count} elements, {numel} expected)")
+        raw = f.read(count * dtype.itemsize)
+        if len(raw) != count * dtype.itemsize:
+            raise ValueError(f"{path}: storage {key} is truncated or damaged")
+        data[key] = np.frombuffer(raw, dtype=dtype).copy()
+    for key, (_, _, holders) in roots.items():
+        for holder in holders:
+            holder.append(data[key])
+    for key, offset, view_size, holder in views:
+        holder.append(data[key][offset: offset + view_size])
     return _resolve(obj)
 
 

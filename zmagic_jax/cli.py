@@ -19,21 +19,24 @@ def _table(report: dict) -> str:
         e = r["final_energy"]
         fmt = lambda name: f"{e[name]['mean']:.3g}" if name in e and e[name]["mean"] is not None else "-"
         cos = r["mean_guided_cosine"]
+        dist = lambda name: "-" if r[name] is None else f"{r[name]:.3f}"
         rows.append((str(r["dim"]), r["setting"], r["scheme"], fmt("class"), fmt("measurement_1"),
-                     fmt("measurement_2"), f"{r['energy_distance']:.3f}", f"{r['sliced_wasserstein']:.3f}",
-                     "-" if cos is None else f"{cos:+.3f}", str(r["diverged_samples"]),
+                     fmt("measurement_2"), dist("energy_distance"), dist("sliced_wasserstein"),
+                     "-" if cos is None else f"{cos:+.3f}",
+                     str(r["diverged_samples"]) + (" (all)" if r.get("all_diverged") else ""),
                      "-" if r["wall_time_s"] is None else f"{r['wall_time_s']:.1f}"))
     return format_table(rows)
 
 
 def _demo(args) -> int:
-    from zmagic_jax._io import atomic_output_dir
+    from zmagic_jax._io import atomic_output_dir, check_output_dir
     from zmagic_jax.tasks import DemoSettings
     from zmagic_jax.tasks._recipe import PROGRAMS
     from zmagic_jax.tasks._testbed_demo import prepare_testbed_demo, write_testbed_demo
 
     settings = DemoSettings(seed=args.seed, dims=tuple(args.dims), num_samples=args.samples,
                             num_steps=args.steps, sampler=args.sampler, guidance_scale=args.scale)
+    check_output_dir(args.out, overwrite=args.overwrite, flag="--out")  # before any work
     digits = None
     if not args.no_digits:
         from zmagic_jax.ports import load_digit_models
@@ -43,9 +46,10 @@ def _demo(args) -> int:
             raise ValueError(f"--digit-seeds must be >= 2 (scores report mean and std); got {args.digit_seeds}.")
         if not 0 <= args.digit_class <= 9:
             raise ValueError(f"--digit-class must be a digit 0..9; got {args.digit_class}.")
-        digit_settings = DigitSettings(target_class=args.digit_class, seeds=tuple(range(args.digit_seeds)))
+        digit_settings = DigitSettings(target_class=args.digit_class, seeds=tuple(range(args.digit_seeds)),
+                                       nan_policy=args.nan_policy)
         digits = load_digit_models()  # checksums first: a damaged weight file stops the demo before any work
-    total = len(settings.dims) * 7 + (0 if digits is None else len(DEFAULT_RUNS)) + 1
+    total = len(settings.dims) * 9 + (0 if digits is None else len(DEFAULT_RUNS)) + 1
     with tqdm(total=total, desc="zmagic demo: tracing", unit="run", file=sys.stderr) as bar:
         def progress(label):
             bar.update(1)
@@ -58,7 +62,7 @@ def _demo(args) -> int:
             prepare_digits(digits, digit_settings)
         bar.set_description("zmagic demo: compiling")
         compile_s = PROGRAMS.compile_pending(workers=2)
-        with atomic_output_dir(args.out) as tmp:
+        with atomic_output_dir(args.out, overwrite=args.overwrite, flag="--out", command="demo") as tmp:
             report = write_testbed_demo(Path(tmp), plan, progress, compile_s=compile_s)
             if digits is not None:
                 result = run_digits(digits, digit_settings, progress=progress)
@@ -101,7 +105,8 @@ def _text_style_settings(args):
             time_travel_repeats=args.time_travel, time_travel_start=args.time_travel_window[0],
             time_travel_stop=args.time_travel_window[1], rule=args.rule, guidance_scale=args.scale,
             text_guidance=args.text_guidance, sampler=args.sampler,
-            latent_size=None if args.latent_size is None else tuple(args.latent_size), remat=args.remat)
+            latent_size=None if args.latent_size is None else tuple(args.latent_size), remat=args.remat,
+            nan_policy=args.nan_policy)
     except ValueError as err:
         raise _flagged(err) from err
 
@@ -132,7 +137,10 @@ def _text_style(args) -> int:
     from zmagic_jax.models import load_stable_diffusion
     from zmagic_jax.tasks import TextStyleModels, load_style_image, run_text_style, save_text_style
 
+    from zmagic_jax._io import check_output_dir
+
     settings = _text_style_settings(args)
+    check_output_dir(args.out, overwrite=args.overwrite, flag="--out")
     for flag, path in (("--sd", args.sd), ("--clip", args.clip)):
         if not os.path.isdir(path):
             raise _FlagError(f"{flag}: {path!r} is not a folder; give a local "
@@ -160,7 +168,7 @@ def _text_style(args) -> int:
             bar.set_description(f"zmagic text-style: {label}")
         result = run_text_style(models, settings, progress=progress)
         bar.update(bar.total - bar.n)
-    report = save_text_style(args.out, result, models)
+    report = save_text_style(args.out, result, models, overwrite=args.overwrite)
     runs = report["runs"]
     print(f"\n{settings.prompt!r} in the style of {settings.style_image} ({settings.num_steps} steps, "
           f"CFG {settings.cfg_scale}, {settings.sampler}, rule {settings.rule} x {settings.guidance_scale}). "
@@ -176,7 +184,10 @@ def _text_style(args) -> int:
 def _add_text_style(sub) -> None:
     from zmagic_jax.tasks import TEXT_STYLE_SCHEMES
 
-    p = sub.add_parser("text-style", help="Stable Diffusion prompt + CLIP style guidance (FreeDoM / Z-Magic)",
+    from zmagic_jax.tasks._recipe import SAMPLERS
+
+    p = sub.add_parser("text-style", formatter_class=HelpFormatter,
+                       help="Stable Diffusion prompt + CLIP style guidance (FreeDoM / Z-Magic)",
                        description="Sample Stable Diffusion with a prompt (classifier-free guidance) and a style "
                                    "image (CLIP Gram energy). Defaults follow FreeDoM's SD style recipe.")
     p.add_argument("--sd", required=True, help="local diffusers Stable Diffusion folder")
@@ -188,9 +199,9 @@ def _add_text_style(sub) -> None:
     p.add_argument("--scheme", default="dependent", choices=TEXT_STYLE_SCHEMES,
                    help="none = CFG only; independent = FreeDoM; dependent = Z-Magic (prompt leads); "
                         "multi = CAGrad over CLIP text and style")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one image per seed")
-    p.add_argument("--steps", type=int, default=100, help="sampling steps (of 1000)")
-    p.add_argument("--cfg-scale", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one image per seed (distinct, >= 0)")
+    p.add_argument("--steps", type=int, default=100, help="sampling steps (2..the model's training steps)")
+    p.add_argument("--cfg-scale", type=float, default=5.0, help="classifier-free guidance scale (finite, >= 0)")
     p.add_argument("--window", type=int, nargs=2, default=[699, 299], metavar=("START", "STOP"),
                    help="style guidance for STOP < t <= START")
     p.add_argument("--time-travel", type=int, default=3, metavar="REPEATS", help="repeats per step (1 = off)")
@@ -198,45 +209,100 @@ def _add_text_style(sub) -> None:
                    help="time-travel for STOP < t <= START")
     p.add_argument("--rule", default="cfg_relative", choices=("cfg_relative", "freedom"),
                    help="cfg_relative: rho = scale rms(CFG correction) / rms(grad); freedom: rho = sqrt(ab_t) scale")
-    p.add_argument("--scale", type=float, default=0.2, help="factor (cfg_relative) or scale (freedom)")
+    p.add_argument("--scale", type=float, default=0.2, help="factor (cfg_relative) or scale (freedom); finite, > 0")
     p.add_argument("--text-guidance", action="store_true",
                    help="also guide the CLIP text distance (independent / dependent; multi always does)")
-    p.add_argument("--sampler", default="ddpm_posterior",
-                   help="ddpm_ancestral, ddpm_posterior, ddim, eta_mixing or pc")
+    p.add_argument("--sampler", default="ddpm_posterior", choices=sorted(SAMPLERS), help="sampler")
     p.add_argument("--latent-size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="latent size (image = 8x); default the UNet's sample_size")
     p.add_argument("--remat", action="store_true", help="rematerialise UNet/VAE activations (less memory)")
-    p.add_argument("--out", default="out/text-style", help="output folder (replaced atomically at the end)")
+    p.add_argument("--out", default="out/text-style",
+                   help="output folder (new, empty, or a previous zmagic output with --overwrite)")
+    add_overwrite(p)
+    add_nan_policy(p)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none (``None``) or it is a switch."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_overwrite(p) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it holds a previous zmagic output (a folder zmagic did not write is "
+                        "never replaced)")
+
+
+def add_nan_policy(p) -> None:
+    p.add_argument("--nan-policy", default="raise", choices=("raise", "skip"),
+                   help="non-finite guidance: raise = stop with an error naming the condition, seed and step; "
+                        "skip = warn and keep the samples (those steps unguided)")
+
+
+def _add_demo(sub) -> None:
+    from zmagic_jax.tasks._recipe import SAMPLERS
+
+    demo = sub.add_parser("demo", formatter_class=HelpFormatter,
+                          help="every guidance scheme on the exact Gaussian-mixture testbed and on the embedded "
+                               "digits model",
+                          description="Run none / independent (FreeDoM) / dependent (Z-Magic Alg. 1) / multi "
+                                      "(Z-Magic Alg. 2) on the exact Gaussian-mixture testbed (scored against exact "
+                                      "posterior samples) and on the embedded 16x16 digits DDPM; write report.json, "
+                                      "PNG figures and image grids into --out and print the tables.")
+    demo.add_argument("--out", default="out/demo", help="output folder (new, empty, or a previous zmagic output "
+                                                        "with --overwrite; swapped in at the end)")
+    add_overwrite(demo)
+    demo.add_argument("--seed", type=int, default=0, help="testbed seed (>= 0)")
+    demo.add_argument("--dims", type=int, nargs="+", default=[2, 64], help="testbed dimensions (distinct, >= 2)")
+    demo.add_argument("--samples", type=int, default=1000, help="samples per scheme (>= 16)")
+    demo.add_argument("--steps", type=int, default=100, help="sampling steps (2..1000)")
+    demo.add_argument("--sampler", default="ddpm_posterior", choices=sorted(SAMPLERS), help="sampler")
+    demo.add_argument("--scale", type=float, default=1.0, help="guidance scale of the score rule (finite, > 0)")
+    demo.add_argument("--no-digits", action="store_true",
+                      help="skip the image part (the embedded digits model; written to OUT/digits/)")
+    demo.add_argument("--digit-class", type=int, default=3, help="target class of the digits runs (0..9)")
+    demo.add_argument("--digit-seeds", type=int, default=6, help="images per digits run, seeds 0..N-1 (>= 2)")
+    add_nan_policy(demo)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="zmagic", description="Zero-shot multi-attribute guided diffusion.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="every guidance scheme on the exact Gaussian-mixture testbed and on the "
-                                       "embedded digits model")
-    demo.add_argument("--out", default="out/demo", help="output folder (replaced atomically at the end)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--dims", type=int, nargs="+", default=[2, 64], help="testbed dimensions (>= 2)")
-    demo.add_argument("--samples", type=int, default=1000, help="samples per scheme")
-    demo.add_argument("--steps", type=int, default=100, help="sampling steps (of 1000)")
-    demo.add_argument("--sampler", default="ddpm_posterior",
-                      help="ddpm_ancestral, ddpm_posterior, ddim, eta_mixing or pc")
-    demo.add_argument("--scale", type=float, default=1.0, help="guidance scale of the score rule")
-    demo.add_argument("--no-digits", action="store_true",
-                      help="skip the image part (the embedded digits model; written to OUT/digits/)")
-    demo.add_argument("--digit-class", type=int, default=3, help="target class of the digits runs (0-9)")
-    demo.add_argument("--digit-seeds", type=int, default=6, help="images per digits run (seeds 0..N-1)")
+    import signal
+
+    from zmagic_jax import __version__
+
+    parser = argparse.ArgumentParser(prog="zmagic", formatter_class=HelpFormatter,
+                                     description="Zero-shot multi-attribute guided diffusion: FreeDoM and Z-Magic "
+                                                 "guidance on pretrained diffusion models, without training.")
+    parser.add_argument("--version", action="version", version=f"zmagic {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,text-style,face,convert}")
+    _add_demo(sub)
     _add_text_style(sub)
     add_face(sub)
     add_convert(sub)
     args = parser.parse_args(argv)
     commands = {"demo": _demo, "text-style": _text_style, "face": run_face, "convert": run_convert}
+
+    def terminate(signum, frame):  # SIGTERM cleans up like Ctrl-C: no half-written output is left
+        raise KeyboardInterrupt(f"signal {signum}")
+    previous = signal.signal(signal.SIGTERM, terminate) if _main_thread() else None
     try:
         return commands[args.command](args)
     except ValueError as err:
         parser.exit(2, f"zmagic {args.command}: error: {err}\n")
     except FloatingPointError as err:
         parser.exit(1, f"zmagic {args.command}: error: {err}\n")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

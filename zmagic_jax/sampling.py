@@ -128,11 +128,13 @@ def step(key, x, ctx: StepContext, *, denoiser: Denoiser, scheme, sampler: Sampl
             z = jax.random.normal(noise_key, x.shape, x.dtype)
             x_t = jnp.where(r == 0, x, (jnp.sqrt(a) * x_next + jnp.sqrt(1.0 - a) * z).astype(x.dtype))
             x_new, new_info = _plain_step(step_key, x_t, ctx, denoiser, scheme, sampler, detail, skip_inactive)
-            return x_new, new_info._replace(finite=new_info.finite & info.finite)
+            return x_new, new_info._replace(finite=new_info.finite & info.finite,
+                                            denoiser_finite=new_info.denoiser_finite & info.denoiser_finite)
         return jax.lax.cond(r < repeats, take, lambda c: c, carry), None
 
     n = len(scheme.conditions)
-    info0 = jax.tree_util.tree_map(jnp.zeros_like, _info_shape(x, n, detail))._replace(finite=jnp.ones((n,), bool))
+    info0 = jax.tree_util.tree_map(jnp.zeros_like, _info_shape(x, n, detail))._replace(
+        finite=jnp.ones((n,), bool), denoiser_finite=jnp.asarray(True))
     (x_next, info), _ = jax.lax.scan(again, (x, info0), jnp.arange(time_travel.repeats))
     return x_next, info
 
@@ -141,7 +143,8 @@ def _info_shape(x, n, detail) -> GuidanceInfo:
     """Zeros of :class:`GuidanceInfo`'s structure for ``n`` conditions (the scan carry's start)."""
     v, m = jnp.zeros((n,), x.dtype), jnp.zeros((n, n), x.dtype)
     full = (jnp.zeros((n,) + x.shape, x.dtype), jnp.zeros((n, n) + x.shape, x.dtype)) if detail else (None, None)
-    return GuidanceInfo(v, jnp.zeros((), x.dtype), v, m, m, m, m, m, jnp.asarray(False), jnp.ones((n,), bool), *full)
+    return GuidanceInfo(v, jnp.zeros((), x.dtype), v, m, m, m, m, m, jnp.asarray(False), jnp.ones((n,), bool), *full,
+                        denoiser_finite=jnp.asarray(True))
 
 
 def sample_chain(key, x, contexts: StepContext, *, denoiser: Denoiser, scheme, sampler: Sampler,
@@ -267,8 +270,8 @@ def sample(key, x_T, schedule: Schedule, grid: TimestepGrid, *, denoiser: Denois
         x0, trace, finite = _run(*args, record=record, debug_loop=True, skip_inactive=skip)
     else:
         x0, trace, finite = _run_jit(*args, record=record, skip_inactive=skip)
-    if conditions:
-        _check_finite(finite, [c.name for c in conditions], np.asarray(grid.t), nan_policy)
+    denoiser_finite = getattr(trace, "denoiser_finite", None) if isinstance(trace, GuidanceInfo) else None
+    _check_finite(finite, [c.name for c in conditions], np.asarray(grid.t), nan_policy, denoiser_finite)
     return Samples(x0, trace, finite)
 
 
@@ -317,12 +320,21 @@ def _abstract(tree):
     return treedef, tuple((jnp.shape(v), jnp.result_type(v)) for v in leaves)
 
 
+SUPPORTED_DTYPES = ("float32", "float64")
+
+
 def _check_shapes(denoiser, conditions, x_T) -> None:
-    """Abstract evaluation of the denoiser and every energy on one sample (once per structure and shape)."""
+    """Abstract evaluation of the denoiser and every energy on one sample (once per structure and
+    shape): shapes, dtypes, and energies whose gradient is identically zero."""
     x = jax.ShapeDtypeStruct(x_T.shape[1:], x_T.dtype)
     signature = (_abstract(denoiser), _abstract(conditions), x.shape, str(x.dtype))
     if signature in _CHECKED:
         return
+    if str(x.dtype) not in SUPPORTED_DTYPES:
+        raise ValueError(f"sample: x_T has dtype {x.dtype}; the sampler's state must be float32 or float64 (its "
+                         "coefficients, e.g. 1 - alpha_bar near 1e-4, and the guidance displacements lose most of "
+                         "their digits in half precision). Pass x_T.astype(jnp.float32) and run the network in half "
+                         "precision inside the denoiser if you want (cast its input and output).")
     t = jax.ShapeDtypeStruct((), jnp.int32)
     try:
         out = jax.eval_shape(lambda d, x, t: d(x, t), denoiser, x, t)
@@ -331,6 +343,10 @@ def _check_shapes(denoiser, conditions, x_T) -> None:
     if getattr(out, "shape", None) != x.shape:
         raise ValueError(f"sample: the denoiser returned shape {getattr(out, 'shape', None)} for a sample of shape "
                          f"{x.shape}; it must return eps of the sample's shape (one sample, no batch axis).")
+    if out.dtype != x.dtype:
+        raise ValueError(f"sample: the denoiser returned {out.dtype} eps for a {x.dtype} x_T; the state and eps must "
+                         f"share one dtype. Give x_T in {out.dtype}, or cast the denoiser's params (or its output) "
+                         f"to {x.dtype}.")
     ab = jax.ShapeDtypeStruct((), x_T.dtype)
     for c in conditions:
         try:
@@ -341,34 +357,104 @@ def _check_shapes(denoiser, conditions, x_T) -> None:
         if getattr(value, "shape", None) != ():
             raise ValueError(f"sample: energy of condition {c.name!r} must return a scalar for one sample; "
                              f"got shape {getattr(value, 'shape', None)}.")
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise ValueError(f"sample: energy of condition {c.name!r} returned {value.dtype}; it must return a float "
+                             "scalar with a gradient (an argmax or a count has none; use a log-probability or a "
+                             "distance instead).")
+        if value.dtype != x.dtype:
+            raise ValueError(f"sample: energy of condition {c.name!r} returned {value.dtype} for a {x.dtype} x_T; "
+                             f"cast its params (targets, references, weights) to {x.dtype}.")
+        if _gradient_is_zero(c, x, ab):
+            warnings.warn(f"sample: the energy of condition {c.name!r} has a gradient that is zero everywhere (it "
+                          "goes through argmax, rounding, an integer or stop_gradient, or ignores x0), so guiding "
+                          "by it does nothing. Use a differentiable energy.", RuntimeWarning, stacklevel=3)
     _CHECKED.add(signature)
 
 
-def nonfinite_message(finite, names, t) -> Optional[str]:
-    """The error message for a ``finite`` array ``(batch, steps, n)``, or ``None`` if all is finite."""
+_PASS_THROUGH = ("convert_element_type", "reshape", "broadcast_in_dim", "copy", "copy_p")
+
+
+def _gradient_is_zero(condition, x, ab) -> bool:
+    """Whether ``grad_x E(x)`` is identically zero, read off the gradient's jaxpr (no compilation,
+    no values): JAX writes a zero it knows symbolically as a broadcast literal 0."""
+    try:
+        closed = jax.make_jaxpr(lambda c, x, ab: jax.grad(lambda y: c.value(y, y, ab))(x))(condition, x, ab)
+    except Exception:  # not differentiable in a way the checks above did not catch: let the run say
+        return False
+    return _is_literal_zero(closed.jaxpr, closed.jaxpr.outvars[0])
+
+
+def _is_literal_zero(jaxpr, var) -> bool:
+    from jax.extend.core import Literal
+
+    if isinstance(var, Literal):
+        return bool(np.all(np.asarray(var.val) == 0))
+    producer = next((e for e in jaxpr.eqns if any(v is var for v in e.outvars)), None)
+    if producer is None:
+        return False
+    inner = producer.params.get("jaxpr")
+    if inner is not None:  # a nested jit: follow the output into its body
+        inner = getattr(inner, "jaxpr", inner)
+        k = next(i for i, v in enumerate(producer.outvars) if v is var)
+        return _is_literal_zero(inner, inner.outvars[k])
+    if producer.primitive.name in _PASS_THROUGH and len(producer.invars) == 1:
+        return _is_literal_zero(jaxpr, producer.invars[0])
+    if producer.primitive.name == "mul":
+        return any(_is_literal_zero(jaxpr, v) for v in producer.invars)
+    return False
+
+
+def nonfinite_message(finite, names, t, denoiser_finite=None, *, sample_name=None,
+                      advice: str = "Check the energy for log(0) or division by zero, or lower its step size;",
+                      skip_hint: str = "pass nan_policy='skip' to keep such samples.") -> Optional[str]:
+    """The error message for non-finite values in a run, or ``None`` if everything was finite.
+
+    ``finite (batch, steps, n)``: each condition's guidance; ``denoiser_finite (batch, steps)``
+    (optional): the denoiser's ``eps``. A non-finite ``eps`` makes every energy at ``x0|t``
+    non-finite as well, so when the denoiser failed at or before a sample's first failing
+    condition the message names the denoiser, not the condition. ``sample_name(b)`` labels
+    sample ``b`` (default ``"sample b"``)."""
     finite = np.asarray(finite)
-    if finite.all():
+    label = sample_name or (lambda b: f"sample {b}")
+    guidance_ok = finite.all() if finite.size else True
+    den = None if denoiser_finite is None else np.asarray(denoiser_finite)
+    den_ok = den is None or den.all()
+    if guidance_ok and den_ok:
         return None
+    if not den_ok:
+        bad_den = np.argwhere(~den)
+        b, i = map(int, bad_den[0])
+        if not guidance_ok:  # blame the denoiser only if it failed first in that sample
+            gb, gi, _ = map(int, np.argwhere(~finite)[0])
+            first_den = np.flatnonzero(~den[gb])
+            if not (first_den.size and first_den[0] <= gi):
+                b = None
+            else:
+                b, i = gb, int(first_den[0])
+        if b is not None:
+            return (f"the denoiser returned non-finite eps at {label(b)}, step {i} (t={int(t[i])}); everything after "
+                    "it in that sample is non-finite. Check the network's weights and input dtype, and whether "
+                    f"guidance pushed x_t far outside the data (lower the guidance scales). {skip_hint}")
     b, i, c = map(int, np.argwhere(~finite)[0])
     bad = [names[k] for k in np.flatnonzero(~finite.all(axis=(0, 1)))]
-    return (f"guidance produced non-finite values for condition(s) {bad}: first at sample {b}, step {i} "
-            f"(t={int(t[i])}), condition {names[c]!r}; the guidance of those steps was dropped. Check the energy "
-            "for log(0) or division by zero, or lower its step size; pass nan_policy='skip' to keep such samples.")
+    return (f"guidance produced non-finite values for condition(s) {bad}: first at {label(b)}, step {i} "
+            f"(t={int(t[i])}), condition {names[c]!r}; the guidance of those steps was dropped. {advice} {skip_hint}")
 
 
-def _check_finite(finite, names, t, nan_policy) -> None:
-    if is_traced(finite):
+def _check_finite(finite, names, t, nan_policy, denoiser_finite=None) -> None:
+    if is_traced(finite) or is_traced(denoiser_finite):
         if nan_policy == "raise":
-            def check(finite):
-                message = nonfinite_message(finite, names, t)
+            def check(finite, denoiser_finite):
+                message = nonfinite_message(finite, names, t, denoiser_finite)
                 if message is not None:
                     raise FloatingPointError(message)
-            jax.debug.callback(check, finite)
+            jax.debug.callback(check, finite, denoiser_finite)
         return
+    gather = lambda v: v
     if not getattr(finite, "is_fully_addressable", True):  # several hosts: every process checks all samples
         from jax.experimental import multihost_utils
-        finite = multihost_utils.process_allgather(finite, tiled=True)
-    message = nonfinite_message(finite, names, t)
+        gather = lambda v: None if v is None else multihost_utils.process_allgather(v, tiled=True)
+    message = nonfinite_message(gather(finite), names, t, gather(denoiser_finite))
     if message is None:
         return
     if nan_policy == "raise":

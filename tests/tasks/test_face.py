@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from zmagic_jax._io import MARKER
 from zmagic_jax.energies import (Net, face_id_energy, face_landmarks, face_parsing_energy, identity_distance,
                                  identity_embedding, landmark_energy, parsing_logits)
 from zmagic_jax.models import landmark_preprocess
@@ -177,7 +178,7 @@ def test_cli_face_writes_pngs_grid_and_metrics(tiny, tmp_path, capsys):
                  "--landmarks", str(paths["landmarks"]), "--reference", str(root / "reference.png"),
                  "--scheme", "independent", "--steps", str(STEPS), "--seeds", "0", "--out", str(out)])
     assert code == 0
-    assert sorted(os.listdir(out)) == ["grid.png", "metrics.json", "seed0_independent.png", "seed0_none.png"]
+    assert sorted(os.listdir(out)) == [MARKER, "grid.png", "metrics.json", "seed0_independent.png", "seed0_none.png"]
     report = json.loads((out / "metrics.json").read_text())
     assert report["runs"]["independent"]["guided_steps"] == 1
     assert "identity_distance" in capsys.readouterr().out

@@ -1,4 +1,5 @@
 """Exact likelihoods and posteriors of the testbed against independent numpy/scipy references."""
+import json
 from functools import partial
 
 import jax
@@ -14,6 +15,7 @@ from zmagic_jax.models import (
     gaussian_mixture,
     marginal_log_prob,
     marginal_score,
+    sample_mixture,
     select_component,
 )
 from zmagic_jax.tasks import (
@@ -25,6 +27,8 @@ from zmagic_jax.tasks import (
     make_testbed,
     measurement_condition,
 )
+from zmagic_jax.tasks import _testbed_demo
+from zmagic_jax.tasks._testbed_demo import DemoSettings, outside_support, support_radii
 
 
 def random_params(seed, num=3, dim=3):
@@ -285,3 +289,42 @@ def test_make_testbed_conditions_are_consistent(testbed64):
         np.testing.assert_allclose(
             cond.exact_nll(x, 1.0),
             cond.energy(x) + 0.5 * rows * np.log(2 * np.pi * float(meas.sigma) ** 2), rtol=1e-4)
+
+
+def test_outside_support_counts_blowups_not_outliers():
+    """Diverged = farther than ``r_k = 10 sqrt(d lambda_max(C_k))`` from every mean, a set whose
+    prior mass is below ``exp(-40 d)`` (checked with scipy's chi-square tail), or non-finite."""
+    for d in (2, 3, 64):
+        assert chi2.logsf(100 * d, df=d) < -40 * d
+    weights, means, covs = random_params(19)
+    gmm = gaussian_mixture(weights, means, covs)
+    radii = support_radii(gmm)
+    np.testing.assert_allclose(radii, 10 * np.sqrt(3 * np.linalg.eigvalsh(covs).max(axis=1)), rtol=1e-6)
+    # Around the mean farthest from the others, along the direction away from them.
+    k = int(np.argmax(np.linalg.norm(means - means.mean(0), axis=1)))
+    away = (means[k] - means.mean(0)) / np.linalg.norm(means[k] - means.mean(0))
+    points = np.stack([means[k] + s * radii[k] * away for s in (0.0, 0.99, 1.01 * max(radii) / radii[k] + 3.0)]
+                      + [np.full(3, 1e30), np.array([np.nan, 0.0, 0.0]), np.array([np.inf, 0.0, 0.0])])
+    np.testing.assert_array_equal(outside_support(gmm, points), [False, False, True, True, True, True])
+    # every prior sample is inside
+    prior = sample_mixture(jax.random.PRNGKey(0), gmm, 2000)
+    assert not outside_support(gmm, prior).any()
+
+
+@pytest.mark.xdist_group("demo")  # the settings of tests/test_cli.py: the same programs
+def test_demo_whose_samples_all_diverge_finishes(tmp_path, monkeypatch):
+    """A huge guidance scale throws every independent sample out of the prior's support: the run
+    reports its samples as diverged and None metrics; the unguided run is scored as usual."""
+    original = _testbed_demo._runs
+    monkeypatch.setattr(_testbed_demo, "_runs", lambda conds: original(conds)[:2])  # none, independent
+    settings = DemoSettings(dims=(2,), num_samples=32, num_steps=10, guidance_scale=1e30)
+    report = _testbed_demo.run_testbed_demo(tmp_path / "demo", settings)
+    rows = {r["scheme"]: r for r in report["results"]}
+    assert json.loads((tmp_path / "demo" / "report.json").read_text())["results"] == report["results"]
+    assert "10 sqrt(d lambda_max(C_k))" in report["settings_notes"]["diverged_samples"]
+    guided, unguided = rows["independent"], rows["none"]
+    assert guided["diverged_samples"] == 32 and guided["all_diverged"]
+    assert guided["energy_distance"] is None and guided["sliced_wasserstein"] is None
+    assert all(v["mean"] is None and v["std"] is None for v in guided["final_energy"].values())
+    assert unguided["diverged_samples"] == 0 and not unguided["all_diverged"] and unguided["energy_distance"] > 0
+    assert rows["exact posterior"]["diverged_samples"] == 0

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from zmagic_jax import cli
+from zmagic_jax._io import MARKER
 from zmagic_jax.tasks import (TEXT_STYLE_SCHEMES, TextStyleSettings, load_text_style_models, run_text_style,
                               sample_text_style)
 from zmagic_jax.tasks import _text_style
@@ -179,7 +180,7 @@ def test_cli_writes_images_grid_and_metrics(setup, fast_cli, style_path, tiny_sd
                      "--steps", str(STEPS), "--time-travel", str(TRAVEL), "--out", str(out)])
     assert code == 0
     assert {p.name for p in out.iterdir()} == {"seed0_none.png", "seed0_dependent.png", "grid.png",
-                                               "metrics.json"}
+                                               "metrics.json", MARKER}
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Image.open(out / "seed0_dependent.png").size == (16, 16)

@@ -86,6 +86,9 @@ def load_clip(path, dtype=jnp.float32) -> Clip:
             raise ImportError(f"load_clip: {os.path.join(path, weights)} is a pickled PyTorch checkpoint; "
                               f"reading it needs torch installed (or save Flax weights once with "
                               f"FlaxCLIPModel.save_pretrained).") from err
+    if weights.endswith(".safetensors"):  # checked structure first (a clear error for a damaged file)
+        from zmagic_jax.checkpoint_io import read_safetensors_header
+        read_safetensors_header(os.path.join(path, weights), "CLIP weight file")
     # _do_init=False: no random initialisation, only the abstract parameter shapes.
     model = FlaxCLIPModel(CLIPConfig.from_pretrained(path, local_files_only=True), dtype=dtype, _do_init=False)
     try:

@@ -117,6 +117,9 @@ def _weight_file(folder: str, component: str) -> str:
 def _read_weights(file: str) -> dict:
     """Flat ``{key tuple | dotted name: array}`` from a Flax msgpack or a PyTorch file; any
     parse failure (truncated download, git-lfs pointer, garbage) becomes a ValueError naming it."""
+    if file.endswith(".safetensors"):  # checked structure first: a clear error, and no allocation from a bad header
+        from zmagic_jax.checkpoint_io import read_safetensors_header
+        read_safetensors_header(file, "Stable Diffusion weight file")
     try:
         if file.endswith(".msgpack"):
             from flax.serialization import msgpack_restore

@@ -15,6 +15,7 @@ from zmagic_jax.ports._checkpoint import (
     StateDict,
     batchnorm_affine,
     convert_file,
+    is_converted_file,
     load_port,
     state_dict_of,
 )

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from zmagic_jax._io import check_output_file
 from zmagic_jax.checkpoint_io import (
     TORCH_SUFFIXES,
     is_torch_checkpoint,
@@ -32,6 +33,21 @@ from zmagic_jax.checkpoint_io import (
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's tensors do not match the architecture a converter expects."""
+
+
+def is_converted_file(path) -> bool:
+    """Whether ``path`` is a ``.safetensors`` file written by :func:`convert_file` (its header
+    names a ported network); unreadable or foreign files are not."""
+    try:
+        metadata = params_metadata(path)
+    except (OSError, ValueError):
+        return False
+    return metadata.get("network") in _port_names()
+
+
+def _port_names() -> set:
+    from zmagic_jax.ports import PORTS
+    return set(PORTS)
 
 
 def is_state_dict(obj) -> bool:
@@ -219,13 +235,14 @@ def load_port(port: Port, path, config=None, **pick_options) -> tuple:
     elif path.suffix.lower() == ".safetensors":
         if not path.is_file():
             raise missing_file_error(path, architecture=port.architecture, published=port.published)
-        metadata = params_metadata(path)
+        what = f"{port.name} weights file"
+        metadata = params_metadata(path, what)
         if metadata.get("network", port.name) != port.name:
             raise CheckpointMismatchError(f"{path} holds converted {metadata['network']} params, not {port.name}.")
         if config is None:
             config = (config_from_json(port.config_type, metadata["config"]) if "config" in metadata
                       else port.default_config)
-        params = load_params(path)
+        params = load_params(path, what)
     else:
         raise ValueError(f"load {port.name}: {path} is neither a PyTorch checkpoint ({', '.join(TORCH_SUFFIXES)}) "
                          "nor a .safetensors file of converted params.")
@@ -234,10 +251,15 @@ def load_port(port: Port, path, config=None, **pick_options) -> tuple:
     return module, params
 
 
-def convert_file(port: Port, source, destination, config=None, **pick_options) -> None:
+def convert_file(port: Port, source, destination, config=None, *, overwrite: bool = False, **pick_options) -> None:
     """Convert a PyTorch checkpoint of ``port`` into a ``.safetensors`` file that records the
-    network name and its config (read back by :func:`load_port`), written atomically."""
+    network name and its config (read back by :func:`load_port`), written atomically.
+
+    ``destination`` must be new, or (``overwrite=True``) a file this tool converted earlier; it is
+    checked before the conversion (:func:`~zmagic_jax._io.check_output_file`)."""
     if not str(destination).lower().endswith(".safetensors"):
         raise ValueError(f"convert {port.name}: the output must be a .safetensors file; got {destination}.")
+    check_output_file(destination, overwrite=overwrite, flag="destination", ours=is_converted_file)
     module, params = load_port(port, source, config, **pick_options)
-    save_params(destination, params, metadata={"network": port.name, "config": config_to_json(module.config)})
+    save_params(destination, params, metadata={"network": port.name, "config": config_to_json(module.config),
+                                               "producer": "zmagic_jax convert"})

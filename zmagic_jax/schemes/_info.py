@@ -37,6 +37,10 @@ class GuidanceInfo(NamedTuple):
       NaN where not computed.
     term2: ``(n, n, *x.shape)`` term II of each pair with ``detail``, else ``None``; zeros where
       there is no pair.
+    denoiser_finite: ``()`` whether the denoiser's ``eps`` at ``x_t`` was finite (set by
+      :func:`~zmagic_jax.direction` for every scheme; ``None`` from a bare ``scheme.direction``).
+      A non-finite ``eps`` makes every energy at ``x0|t`` non-finite too: this field says whose
+      fault it was.
     """
 
     energies: jnp.ndarray
@@ -51,6 +55,7 @@ class GuidanceInfo(NamedTuple):
     finite: jnp.ndarray
     gradients: Optional[jnp.ndarray] = None
     term2: Optional[jnp.ndarray] = None
+    denoiser_finite: Optional[jnp.ndarray] = None
 
 
 def guidance_info(x, energies, d, *, finite=None, displacement_norms=None, condition_cosines=None,

@@ -99,7 +99,8 @@ class DependentTerms(NamedTuple):
     displacement at ``xhat`` is finite; term2_finite ``(L, F)``: term II is finite.
     With ``detail``: gradients ``(n, *x)`` every ``grad E_i`` at ``x_t``; score_parts /
     hessian_parts ``(L, F, *x)``, ``J_{M0}^T gh`` and ``-rho_i J_{grad E_i}^T gh`` (their sum is
-    term II); otherwise ``None``.
+    term II); otherwise ``None``. follower_norms ``(L, F)``: ``|gh|``, each follower's
+    displacement at ``xhat`` (the reference of :class:`Dependent`'s ``term2_trust``).
     """
     d: jnp.ndarray
     term2: jnp.ndarray
@@ -110,6 +111,7 @@ class DependentTerms(NamedTuple):
     gradients: Optional[jnp.ndarray] = None
     score_parts: Optional[jnp.ndarray] = None
     hessian_parts: Optional[jnp.ndarray] = None
+    follower_norms: Optional[jnp.ndarray] = None
 
 
 def dependent_terms(x, ctx, noise, *, conditions, denoiser, sampler, leaders, followers, xhat_time="current",
@@ -149,15 +151,15 @@ def dependent_terms(x, ctx, noise, *, conditions, denoiser, sampler, leaders, fo
         pull = jax.vmap(lambda a, b: pullback((a, b))[0])
         term2 = pull(gh, -rho_i * gh)
         if not detail:
-            return d_i, term2, energies, eps, all_finite(gh), all_finite(term2), None, None, None
+            return d_i, term2, energies, eps, all_finite(gh), all_finite(term2), None, None, None, flat_norms(gh)
         zeros = jnp.zeros_like(gh)
         return (d_i, term2, energies, eps, all_finite(gh), all_finite(term2), grads, pull(gh, zeros),
-                pull(zeros, -rho_i * gh))
+                pull(zeros, -rho_i * gh), flat_norms(gh))
 
-    d, term2, energies, eps, follow_ok, term_ok, grads, score, hess = jax.vmap(per_leader)(
+    d, term2, energies, eps, follow_ok, term_ok, grads, score, hess, gh_norms = jax.vmap(per_leader)(
         jnp.asarray(leaders), jnp.asarray(followers))
     first = lambda v: None if v is None else v[0]
-    return DependentTerms(d, term2, energies[0], eps[0], follow_ok, term_ok, first(grads), score, hess)
+    return DependentTerms(d, term2, energies[0], eps[0], follow_ok, term_ok, first(grads), score, hess, gh_norms)
 
 
 def model_led_term(x, ctx, noise, *, conditions, denoiser, sampler, xhat_time="current", detail: bool = False):
@@ -241,6 +243,21 @@ def _displacements_at_x(x, ctx, conditions, eps, gradients):
     return -rhos.reshape((n,) + (1,) * x.ndim) * gradients
 
 
+def trust_term2(terms: DependentTerms, c) -> DependentTerms:
+    """The term-II trust region of :class:`Dependent` / :class:`Multi`, pair by pair: term II of
+    ``(i, j)`` (and its score / Hessian parts) times ``min(1, c max(|d_i|, |gh_ij|) / |term II_ij|)``."""
+    flat = lambda v: jnp.linalg.norm(v.reshape(v.shape[:2] + (-1,)), axis=-1)
+    lead = jnp.linalg.norm(terms.d.reshape(terms.d.shape[0], -1), axis=-1)
+    bound = c * jnp.maximum(lead[:, None], terms.follower_norms)
+    norm = flat(terms.term2)
+    over = norm > bound
+    scale = jnp.where(over, bound / jnp.where(over, norm, 1.0), 1.0).astype(terms.term2.dtype)
+    scale = scale.reshape(scale.shape + (1,) * (terms.term2.ndim - 2))
+    scaled = lambda v: None if v is None else scale * v
+    return terms._replace(term2=scale * terms.term2, score_parts=scaled(terms.score_parts),
+                          hessian_parts=scaled(terms.hessian_parts))
+
+
 @pytree_dataclass(static=("order", "xhat_time", "name"))
 class Dependent:
     """Z-Magic Algorithm 1 on two conditions, guiding ``conditions[order[0]]`` first (with one
@@ -252,11 +269,29 @@ class Dependent:
     materialised), and ``d = d_1 + term II``. ``xhat_time`` says which level the denoiser sees at
     ``xhat``: ``"current"`` (``t``, as the public fork does) or ``"next"`` (``t_next``).
     Diagnostics keep the order of ``conditions``.
+
+    ``term2_trust`` (``None``: off, the paper's algorithm; else ``c > 0``, a leaf) is a trust
+    region on term II (two conditions only)::
+
+        term II <- term II * min(1, c * max(|d_1|, |gh|) / |term II|)
+
+    Term II is a first-order correction ``J_xhat^T gh`` with ``J_xhat = J_{M0} - rho_1 H_1``
+    (``H_1`` the Hessian of ``E_1(x0|t(x_t))``). While the leader's step is resolved
+    (``|1 - rho_1 lambda| <~ 1`` over ``H_1``'s spectrum) ``|term II| ~ |gh|``, and a cap
+    ``c >~ 1`` is inactive; where the leader is stiff (``rho_1 lambda_max >> 1``, e.g. a
+    classifier near its decision boundary at coarse steps) ``|term II| ~ rho_1 lambda_max |gh|``
+    is no longer a small correction and is cut back to ``c`` times the larger of the two
+    displacements the step rules chose, so ``|d| <= |d_1| + c max(|d_1|, |gh|)``, the size of an
+    independent (FreeDoM) step. Both reference norms matter: ``|d_1|`` alone would zero term II
+    when the leader saturates (``d_1 = 0``, term II is then the follower's pulled-back guidance).
+    It costs two norms per step. The diagnostics report the
+    rescaled term II (and its score / Hessian parts scaled alike).
     """
     conditions: tuple
     order: tuple = (0, 1)
     xhat_time: str = "current"
     name: str = "dependent"
+    term2_trust: object = None
 
     def direction(self, x, ctx, noise, *, denoiser, sampler, detail: bool = False):
         conditions, n = self.conditions, len(self.conditions)
@@ -266,6 +301,8 @@ class Dependent:
         leaders, followers = (first,), ((second,),)
         terms = dependent_terms(x, ctx, noise, conditions=conditions, denoiser=denoiser, sampler=sampler,
                                 leaders=leaders, followers=followers, xhat_time=self.xhat_time, detail=detail)
+        if self.term2_trust is not None:
+            terms = trust_term2(terms, self.term2_trust)
         d1, t2 = terms.d[0], terms.term2[0, 0]
         finite = _pair_finite(n, leaders, followers, terms)
         fields = _pair_fields(n, leaders, followers, terms, detail)
@@ -294,13 +331,16 @@ class Dependent:
 class Multi:
     """Z-Magic Algorithm 2: every ordered pair ``(i, j), i != j`` gives a task gradient
     ``g_ij = d_i + J_{xhat_i}^T d_j(xhat_i)``; CAGrad (``c``, a leaf, and ``rescale``) combines
-    them. For more than 2 conditions CAGrad runs ``cagrad_iters`` solver iterations per step."""
+    them. For more than 2 conditions CAGrad runs ``cagrad_iters`` solver iterations per step.
+    ``term2_trust`` (``None``: the paper's algorithm) caps each pair's term II as
+    :class:`Dependent` does (:func:`trust_term2`), before CAGrad."""
     conditions: tuple
     c: object = 0.5
     rescale: str = "1+c^2"
     xhat_time: str = "current"
     cagrad_iters: int = 100
     name: str = "multi"
+    term2_trust: object = None
 
     def direction(self, x, ctx, noise, *, denoiser, sampler, detail: bool = False):
         conditions, n = self.conditions, len(self.conditions)
@@ -308,6 +348,8 @@ class Multi:
         followers = tuple(tuple(j for j in range(n) if j != i) for i in range(n))
         terms = dependent_terms(x, ctx, noise, conditions=conditions, denoiser=denoiser, sampler=sampler,
                                 leaders=leaders, followers=followers, xhat_time=self.xhat_time, detail=detail)
+        if self.term2_trust is not None:
+            terms = trust_term2(terms, self.term2_trust)
         tasks = (terms.d[:, None] + terms.term2).reshape((n * (n - 1),) + x.shape)
         d = cagrad(tasks, c=self.c, rescale=self.rescale, num_iters=self.cagrad_iters)
         finite = _pair_finite(n, leaders, followers, terms)
@@ -326,13 +368,16 @@ def independent(conditions: Sequence[Condition]) -> Independent:
     return Independent(check_conditions(conditions, "independent"))
 
 
-def dependent(conditions: Sequence[Condition], order=None, xhat_time: str = "current") -> Dependent:
+def dependent(conditions: Sequence[Condition], order=None, xhat_time: str = "current",
+              term2_trust=None) -> Dependent:
     """Z-Magic Algorithm 1.
 
     Two conditions: ``order=(0, 1)`` (default) guides the first one first, ``(1, 0)`` the second.
     One condition: the denoiser's own conditioning leads (the prompt through classifier-free
     guidance, as in the paper's Stable Diffusion text + style setting) and the condition's
     gradient is pulled back through that step (:func:`model_led_term`).
+    ``term2_trust``: ``None`` (the paper's algorithm) or ``c > 0`` (a leaf, may be traced), the
+    trust region ``|term II| <= c max(|d_1|, |gh|)`` of :class:`Dependent`; two conditions only.
     """
     conditions = check_conditions(conditions, "dependent", minimum=1)
     if len(conditions) > 2:
@@ -347,25 +392,35 @@ def dependent(conditions: Sequence[Condition], order=None, xhat_time: str = "cur
         order = (0, 1) if order is None else order
         if not isinstance(order, (tuple, list)) or tuple(sorted(order)) != (0, 1):
             raise ValueError(f"dependent: order must be (0, 1) or (1, 0); got {order!r}.")
-    return Dependent(conditions, tuple(int(i) for i in order), _check_xhat_time(xhat_time, "dependent"))
+    if term2_trust is not None:
+        if len(conditions) == 1:
+            raise ValueError("dependent: term2_trust bounds term II by the leader's displacement, and with one "
+                             "condition the leader is inside the denoiser; pass term2_trust=None.")
+        check_scalar(term2_trust, "dependent", "term2_trust", inclusive=False)
+    return Dependent(conditions, tuple(int(i) for i in order), _check_xhat_time(xhat_time, "dependent"),
+                     term2_trust=term2_trust)
 
 
 def multi(conditions: Sequence[Condition], c=0.5, rescale: str = "1+c^2",
-          xhat_time: str = "current", cagrad_iters: int = 100) -> Multi:
+          xhat_time: str = "current", cagrad_iters: int = 100, term2_trust=None) -> Multi:
     """Z-Magic Algorithm 2 (CAGrad over all ordered pairs' dependent gradients).
 
     ``c`` is a leaf (may be traced or vmapped). ``cagrad_iters`` (used for 3+ conditions, i.e. 6+
     task gradients): 100 reaches float32 rounding on random task sets (max relative error 2.3e-7
     against 2000 iterations for 6 and 12 tasks) at a fifth of the cost of :func:`cagrad`'s
-    default 500; raise it for ``c`` near 1 with nearly cancelling gradients.
+    default 500; raise it for ``c`` near 1 with nearly cancelling gradients. ``term2_trust``:
+    ``None`` or ``c > 0``, each pair's term II capped at ``c max(|d_i|, |gh_ij|)`` (:class:`Dependent`).
     """
     conditions = check_conditions(conditions, "multi", minimum=2)
+    if term2_trust is not None:
+        check_scalar(term2_trust, "multi", "term2_trust", inclusive=False)
     check_scalar(c, "multi", "c")
     if rescale not in RESCALES:
         raise ValueError(f"multi: rescale must be one of {RESCALES}; got {rescale!r}.")
     if isinstance(cagrad_iters, bool) or not isinstance(cagrad_iters, int) or cagrad_iters < 1:
         raise ValueError(f"multi: cagrad_iters must be a positive int; got {cagrad_iters!r}.")
-    return Multi(conditions, c, rescale, _check_xhat_time(xhat_time, "multi"), cagrad_iters)
+    return Multi(conditions, c, rescale, _check_xhat_time(xhat_time, "multi"), cagrad_iters,
+                 term2_trust=term2_trust)
 
 
 def _check_xhat_time(xhat_time, who):
@@ -406,13 +461,21 @@ def direction(x, ctx, noise, *, scheme, denoiser, sampler, detail: bool = False,
         return scheme.direction(x, ctx, noise, denoiser=denoiser, sampler=sampler, detail=detail)
 
     if not conditions:
-        return guided(x)
-    active = any_active(conditions, ctx)
-    if not skip_inactive:
         eps, d, info = guided(x)
-        return eps, d, info._replace(guided=active)
-    return jax.lax.cond(active, guided,
-                        lambda x: unguided(x, ctx, conditions=conditions, denoiser=denoiser, detail=detail), x)
+    elif not skip_inactive:
+        eps, d, info = guided(x)
+        info = info._replace(guided=any_active(conditions, ctx))
+    else:
+        eps, d, info = jax.lax.cond(
+            any_active(conditions, ctx), lambda x: _without_denoiser_flag(guided(x)),
+            lambda x: unguided(x, ctx, conditions=conditions, denoiser=denoiser, detail=detail), x)
+    return eps, d, info._replace(denoiser_finite=jnp.all(jnp.isfinite(eps)))
+
+
+def _without_denoiser_flag(out):
+    """Both branches of the skip must have one structure; the flag is set after the branch."""
+    eps, d, info = out
+    return eps, d, info._replace(denoiser_finite=None)
 
 
 def every_step_guided(conditions, contexts) -> bool:

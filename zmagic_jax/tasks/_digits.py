@@ -223,9 +223,10 @@ def sample_digits(models: DigitModels, settings: DigitSettings, scheme: str,
     args, static, grid = _problem(models, settings, scheme, conditions)
     programs = PROGRAMS if programs is None else programs
     (images, trace, finite), compile_s, run_s = programs.call(sample_seeds, args, static)
-    if scheme != "none":
-        check_finite(finite[..., :len(conditions)], conditions, settings.seeds, grid.t, settings.nan_policy,
-                     f"digits ({run_label(scheme, conditions)})", "Lower the condition's scale.")
+    guided = len(conditions) if scheme != "none" else 0  # unguided runs: only the denoiser is checked
+    check_finite(finite[..., :guided], conditions[:guided], settings.seeds, grid.t, settings.nan_policy,
+                 f"digits ({run_label(scheme, conditions)})", "Lower the condition's scale.",
+                 denoiser_finite=trace.denoiser_finite)
     return DigitSamples(scheme, conditions, np.clip(images, -1.0, 1.0), trace, np.asarray(grid.t),
                         compile_s, run_s)
 
@@ -415,13 +416,14 @@ def _scores_figure(path, report: dict) -> None:
     plt.close(fig)
 
 
-def save_digits(out_dir, result: DigitResult, models: Optional[DigitModels] = None) -> dict:
+def save_digits(out_dir, result: DigitResult, models: Optional[DigitModels] = None, *,
+                overwrite: bool = False) -> dict:
     """Write into ``out_dir`` (atomically): ``grid_<run>.png`` per run, ``comparison.png`` (targets,
     then one row per run), ``scores.png``, one PNG per image under ``images/`` and ``report.json``.
     Returns the report."""
     report = digit_report(result, models)
     settings, targets = result.settings, result.targets
-    with atomic_output_dir(out_dir) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite, command='save_digits') as tmp:
         tmp = Path(tmp)
         (tmp / "images").mkdir()
         for entry in report["images"]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence
 
@@ -266,7 +265,7 @@ def sample_faces(models: FaceModels, settings: FaceSettings, references: FaceRef
     programs = PROGRAMS if programs is None else programs
     (images, trace, finite), compile_s, run_s = programs.call(sample_seeds, args, static, compiler_options)
     check_finite(finite, settings.conditions, settings.seeds, grid.t, settings.nan_policy, "face",
-                 "Lower the condition's scale.")
+                 "Lower the condition's scale.", denoiser_finite=trace.denoiser_finite)
     return FaceSamples(scheme, settings.order if scheme == "dependent" else (), np.clip(images, -1, 1),
                        trace, settings.conditions, np.asarray(grid.t), compile_s, run_s)
 
@@ -385,12 +384,12 @@ def face_report(result: FaceResult) -> dict:
             "images": images, "runs": summary}
 
 
-def save_faces(out_dir, result: FaceResult, references: FaceReferences) -> dict:
+def save_faces(out_dir, result: FaceResult, references: FaceReferences, *, overwrite: bool = False) -> dict:
     """Write ``seed<S>_<run>.png`` per image, ``grid.png`` (references, then one row per run) and
     ``metrics.json`` into ``out_dir`` atomically. Returns the report."""
     report = face_report(result)
     settings = result.settings
-    with atomic_output_dir(out_dir) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite, command='save_faces') as tmp:
         tmp = Path(tmp)
         for entry in report["images"]:
             samples = result.samples[entry["run"]]

@@ -213,16 +213,19 @@ def skips(scheme, contexts) -> dict:
 
 # ----------------------------------------------------------------------------- NaN check
 
-def check_finite(finite, names: Sequence[str], seeds: Sequence, t, nan_policy: str, who: str, advice: str) -> bool:
-    """Raise (``nan_policy='raise'``) or warn about non-finite guidance, naming the condition, the
-    seed and the step; ``finite (S, steps, n)``. Returns whether everything was finite."""
-    finite = np.asarray(finite)
-    if finite.all():
+def check_finite(finite, names: Sequence[str], seeds: Sequence, t, nan_policy: str, who: str, advice: str,
+                 denoiser_finite=None) -> bool:
+    """Raise (``nan_policy='raise'``) or warn about non-finite guidance, naming the condition (or
+    the denoiser, when its ``eps`` failed first; ``denoiser_finite (S, steps)``), the seed and the
+    step; ``finite (S, steps, n)``. Returns whether everything was finite."""
+    from zmagic_jax.sampling import nonfinite_message
+
+    message = nonfinite_message(finite, names, t, denoiser_finite, sample_name=lambda s: f"seed {seeds[s]}",
+                                advice=advice, skip_hint="Keep such samples with --nan-policy skip "
+                                                         "(nan_policy='skip' in Python).")
+    if message is None:
         return True
-    s, i, c = map(int, np.argwhere(~finite)[0])
-    message = (f"{who}: guidance produced non-finite values for condition {names[c]!r}: first at seed "
-               f"{seeds[s]}, step {i} (t={int(np.asarray(t)[i])}); the guidance of those steps was dropped. "
-               f"{advice} Keep such samples with nan_policy='skip'.")
+    message = f"{who}: {message}"
     if nan_policy == "raise":
         raise FloatingPointError(message)
     warnings.warn(message, RuntimeWarning, stacklevel=3)

@@ -1,20 +1,25 @@
 """The embedded default of ``zmagic demo``: every scheme on the exact Gaussian-mixture testbed.
 
 Two settings per dimension: the pair (class, measurement_1), run with none / independent /
-dependent in both orders / multi, and the triple (class, measurement_1, measurement_2), run with
-independent / multi. Every run starts from the same noise with the same key (common random
-numbers), guides with the conditions' FreeDoM-style energies at ``x0|t`` under the score rule
-(``-grad E`` used as ``grad log p(c | x_t)``), and is scored against samples of the exact posterior.
+dependent in both orders / dependent (class first) with the term-II trust region
+(``term2_trust``, :class:`~zmagic_jax.schemes.Dependent`) / multi, and the triple (class,
+measurement_1, measurement_2), run with independent / multi / multi with the trust region. Every
+run starts from the same noise with the same key (common random numbers), guides with the
+conditions' FreeDoM-style energies at ``x0|t`` under the score rule (``-grad E`` used as
+``grad log p(c | x_t)``), and is scored against samples of the exact posterior.
 
 The demo is planned first (:func:`prepare_testbed_demo` traces every run's program), compiled
 together with other work (:meth:`~zmagic_jax.tasks._recipe.Programs.compile_pending`), then run
 and written (:func:`write_testbed_demo`).
+
+A sample is counted as diverged when its final state or energies are not finite, or when it lies
+far outside the prior's support (:func:`outside_support`); every metric uses the other samples,
+and a run whose samples all diverged reports ``None`` for them.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import time
 import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
@@ -24,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zmagic_jax import figures
-from zmagic_jax._io import atomic_output_dir
+from zmagic_jax._io import atomic_output_dir, check_output_dir
 from zmagic_jax.geometry import energy_curves, guided_cosines, loss_landscape, mean_guided_cosine, orthonormal_plane
 from zmagic_jax.metrics import energy_distance, sliced_wasserstein
 from zmagic_jax.models import mixture_denoiser, sample_mixture
@@ -62,16 +67,54 @@ class DemoSettings:
         sampler_by_name(self.sampler)
 
 
+# How many times a component's largest RMS radius a sample must be from every mean to count
+# as diverged (:func:`support_radii`).
+SUPPORT_RADII = 10.0
+
+
+def support_radii(gmm) -> np.ndarray:
+    """``(K,)`` radii ``r_k = 10 sqrt(d lambda_max(C_k))``: ten times component ``k``'s largest
+    RMS radius.
+
+    ``|y - m_k| > r_k`` implies ``(y - m_k)^T C_k^-1 (y - m_k) >= |y - m_k|^2 / lambda_max(C_k)
+    > 100 d``, and ``P(chi2_d >= 100 d) <= P(chi2_d >= d + 2 sqrt(d x) + 2 x) <= e^-x`` with
+    ``x = 40 d`` (Laurent & Massart 2000, Lemma 1), so the set of points farther than ``r_k``
+    from every mean ``m_k`` has prior probability below ``e^(-40 d)``. The bound is meant for
+    blow-ups: guided samples that are merely off the data (squared Mahalanobis distances up to
+    ``~30 d`` in the demo) stay inside and count in the metrics.
+    """
+    d = gmm.means.shape[1]
+    return SUPPORT_RADII * np.sqrt(d * np.asarray(gmm.eigvals, np.float64).max(axis=1))
+
+
+def outside_support(gmm, x0) -> np.ndarray:
+    """``(B,)`` True where a sample ``x0 (B, d)`` is non-finite or farther than
+    :func:`support_radii` ``r_k`` from every component mean ``m_k`` (prior mass below
+    ``e^(-40 d)``)."""
+    x0 = np.asarray(x0, np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        sq = np.sum((x0[:, None, :] - np.asarray(gmm.means, np.float64)[None]) ** 2, axis=-1)
+        inside = np.any(sq <= support_radii(gmm)[None] ** 2, axis=1)
+    return ~(inside & np.all(np.isfinite(x0), axis=-1))
+
+
+# ``c`` of the trust-region row: inactive while the leader's step is resolved (|term II| ~ |gh|),
+# active only on stiff steps (see zmagic_jax.schemes.Dependent).
+TERM2_TRUST = 2.0
+
+
 def _runs(conds):
     pair, triple = conds[:2], conds
     return [
         ("none", "pair", none(pair)),
         ("independent", "pair", independent(pair)),
         ("dependent (1->2)", "pair", dependent(pair)),
+        ("dependent (1->2) trust", "pair", dependent(pair, term2_trust=TERM2_TRUST)),
         ("dependent (2->1)", "pair", dependent(pair, order=(1, 0))),
         ("multi", "pair", multi(pair)),
         ("independent [3]", "triple", independent(triple)),
         ("multi [3]", "triple", multi(triple)),
+        ("multi [3] trust", "triple", multi(triple, term2_trust=TERM2_TRUST)),
     ]
 
 
@@ -138,16 +181,18 @@ def prepare_testbed_demo(settings: DemoSettings = DemoSettings(), programs: Opti
 
 
 def run_testbed_demo(out_dir, settings: DemoSettings = DemoSettings(),
-                     progress: Optional[Callable] = None, programs: Optional[Programs] = None) -> dict:
+                     progress: Optional[Callable] = None, programs: Optional[Programs] = None, *,
+                     overwrite: bool = False) -> dict:
     """Run the demo and write ``report.json`` and the figures into ``out_dir`` (atomically).
 
     ``progress(label)`` is called before each run (the CLI drives a progress bar with it).
     Returns the report.
     """
     programs = PROGRAMS if programs is None else programs
+    check_output_dir(out_dir, overwrite=overwrite)  # before any work
     plan = prepare_testbed_demo(settings, programs)
     compile_s = programs.compile_pending()
-    with atomic_output_dir(out_dir) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite, command="run_testbed_demo") as tmp:
         report = write_testbed_demo(Path(tmp), plan, progress, programs, compile_s)
     return report
 
@@ -173,7 +218,13 @@ def write_testbed_demo(out: Path, plan: DemoPlan, progress: Optional[Callable] =
                      "independent exact sample sets",
         "wall_time_s": "one compiled run of all samples (compilation excluded: compile_s, all programs at once)",
         "exact posterior": "rows scoring a second set of exact posterior samples: the reference values",
-        "diverged_samples": "samples whose final state or energies are not finite; metrics use the others",
+        "diverged_samples": "samples whose final state or energies are not finite, or that lie outside the "
+                            "prior's support: farther than r_k = 10 sqrt(d lambda_max(C_k)) from every component "
+                            "mean m_k (squared Mahalanobis distance > 100 d to every component; prior mass of "
+                            "that set < exp(-40 d) by the Laurent-Massart chi-square bound); metrics (distances, "
+                            "energies) use the others and are None if every sample diverged (all_diverged: true)",
+        "term2_trust": "rows marked trust: each pair's term II scaled by min(1, c max(|d_i|, |d_j(xhat_i)|) / "
+                       f"|term II|) with c = {TERM2_TRUST} (off in every other row: the paper's algorithm)",
         "dropped_guidance_steps": "fraction of (sample, step) pairs whose guidance was non-finite and dropped",
         "mean_guided_cosine": "independent: cos(grad E_i, grad E_j) between conditions; dependent / multi: "
                               "cos(d_leader, term II); mean over samples, guided steps and pairs"},
@@ -188,33 +239,32 @@ def write_testbed_demo(out: Path, plan: DemoPlan, progress: Optional[Callable] =
             energies = _final_energies(reference, exact[setting])
             report["results"].append({
                 "dim": dim, "setting": setting, "scheme": "exact posterior",
-                "conditions": [c.name for c in reference],
-                "final_energy": {c.name: {"mean": _num(energies[:, i].mean()), "std": _num(energies[:, i].std())}
-                                 for i, c in enumerate(reference)},
+                "conditions": [c.name for c in reference], "final_energy": _energy_stats(reference, energies),
                 "energy_distance": _num(floor[setting][0]), "sliced_wasserstein": _num(floor[setting][1]),
                 "noise_floor": {"energy_distance": _num(floor[setting][0]),
                                 "sliced_wasserstein": _num(floor[setting][1])},
-                "mean_guided_cosine": None, "diverged_samples": 0, "dropped_guidance_steps": 0.0,
-                "wall_time_s": None})
+                "mean_guided_cosine": None,
+                "diverged_samples": int(_diverged(item.bed.gmm, exact[setting], energies).sum()),
+                "all_diverged": False, "dropped_guidance_steps": 0.0, "wall_time_s": None})
         for run in item.runs:
             progress(f"d={dim} {run.label}")
             args = (item.keys, item.x_T, plan.contexts, item.denoiser, run.scheme, plan.sampler)
             (x0, trace, finite), _, seconds = programs.call(sample_batch, args, skips(run.scheme, plan.contexts))
             energies = _final_energies(run.scheme.conditions, x0)
-            ok = np.all(np.isfinite(x0), axis=-1) & np.all(np.isfinite(energies), axis=-1)
+            ok = ~_diverged(item.bed.gmm, x0, energies)
             x0, energies = x0[ok], energies[ok]
             which = scheme_cosine(run.scheme.name)
+            kept = bool(ok.any())
             entry = {
                 "dim": dim, "setting": run.setting, "scheme": run.label,
                 "conditions": [c.name for c in run.scheme.conditions],
-                "final_energy": {c.name: {"mean": _num(energies[:, i].mean()), "std": _num(energies[:, i].std())}
-                                 for i, c in enumerate(run.scheme.conditions)},
-                "energy_distance": _num(energy_distance(x0, exact[run.setting])),
-                "sliced_wasserstein": _num(sliced_wasserstein(item.k_sw, x0, exact[run.setting])),
+                "final_energy": _energy_stats(run.scheme.conditions, energies),
+                "energy_distance": _num(energy_distance(x0, exact[run.setting])) if kept else None,
+                "sliced_wasserstein": _num(sliced_wasserstein(item.k_sw, x0, exact[run.setting])) if kept else None,
                 "noise_floor": {"energy_distance": _num(floor[run.setting][0]),
                                 "sliced_wasserstein": _num(floor[run.setting][1])},
                 "mean_guided_cosine": None if which is None else _num(mean_guided_cosine(trace, which)),
-                "diverged_samples": int((~ok).sum()),
+                "diverged_samples": int((~ok).sum()), "all_diverged": not kept,
                 "dropped_guidance_steps": float(1.0 - finite.all(-1).mean()),
                 "wall_time_s": round(seconds, 6),
             }
@@ -222,7 +272,9 @@ def write_testbed_demo(out: Path, plan: DemoPlan, progress: Optional[Callable] =
             if run.setting == "pair":
                 curves[run.label] = energy_curves(trace)
                 if which is not None:
-                    cosines[run.label] = (grid.t, np.nanmean(guided_cosines(trace, which), axis=0))
+                    with warnings.catch_warnings():  # steps where every sample's cosine is NaN
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        cosines[run.label] = (grid.t, np.nanmean(guided_cosines(trace, which), axis=0))
                 if dim == 2:
                     scatter[run.label] = np.asarray(x0)
         cosine_panels[f"d = {dim}, conditions (class, measurement_1)"] = cosines
@@ -239,6 +291,19 @@ def write_testbed_demo(out: Path, plan: DemoPlan, progress: Optional[Callable] =
     figures.plot_cosines(out / "cosines.png", cosine_panels)
     (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False))
     return report
+
+
+def _diverged(gmm, x0, energies) -> np.ndarray:
+    """``(B,)`` diverged samples: outside the prior's support (:func:`outside_support`) or with a
+    non-finite final energy."""
+    return outside_support(gmm, x0) | ~np.all(np.isfinite(energies), axis=-1)
+
+
+def _energy_stats(conditions, energies) -> dict:
+    """Mean and std of each condition's final energy over the kept samples (``None`` if none)."""
+    kept = energies.shape[0] > 0
+    return {c.name: {"mean": _num(energies[:, i].mean()) if kept else None,
+                     "std": _num(energies[:, i].std()) if kept else None} for i, c in enumerate(conditions)}
 
 
 def _final_energies(conditions, x0) -> np.ndarray:

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, NamedTuple, Optional
 
@@ -286,7 +284,7 @@ def sample_text_style(models: TextStyleModels, settings: TextStyleSettings, sche
                                                                        compiler_options)
     names = settings.condition_names(scheme)
     check_finite(finite[..., :len(names)], names, settings.seeds, grid.t, settings.nan_policy, "text-style",
-                 "Lower the guidance scale.")
+                 "Lower the guidance scale.", denoiser_finite=trace.denoiser_finite)
     return TextStyleSamples(scheme, latents, np.clip(images, -1.0, 1.0), trace, names, np.asarray(grid.t),
                             compile_s, run_s)
 
@@ -414,7 +412,8 @@ def text_style_report(result: TextStyleResult, models: Optional[TextStyleModels]
             "runs": {scheme: _summary(samples) for scheme, samples, _ in rows}}
 
 
-def save_text_style(out_dir, result: TextStyleResult, models: Optional[TextStyleModels] = None) -> dict:
+def save_text_style(out_dir, result: TextStyleResult, models: Optional[TextStyleModels] = None, *,
+                    overwrite: bool = False) -> dict:
     """Write ``seed<S>_<scheme>.png`` for every image (the plain CFG reference and the guided
     one), ``grid.png`` (style reference, plain row, guided row) and ``metrics.json`` into
     ``out_dir``, atomically (an interrupted write leaves the previous folder untouched).
@@ -422,7 +421,7 @@ def save_text_style(out_dir, result: TextStyleResult, models: Optional[TextStyle
     report = text_style_report(result, models)
     size = result.guided.images.shape[1]
     style = load_style_image(result.settings.style_image, size)
-    with atomic_output_dir(out_dir) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite, command='save_text_style') as tmp:
         tmp = Path(tmp)
         for entry in report["images"]:
             samples = result.reference if entry["scheme"] == "none" else result.guided
