@@ -29,16 +29,15 @@ def _table(report: dict) -> str:
 
 
 def _demo(args) -> int:
-    from zmagic_jax._io import atomic_output_dir, check_output_dir
+    from zmagic_jax._io import atomic_output_dir
     from zmagic_jax.tasks import DemoSettings
     from zmagic_jax.tasks._recipe import PROGRAMS
     from zmagic_jax.tasks._testbed_demo import prepare_testbed_demo, write_testbed_demo
 
     settings = DemoSettings(seed=args.seed, dims=tuple(args.dims), num_samples=args.samples,
                             num_steps=args.steps, sampler=args.sampler, guidance_scale=args.scale)
-    check_output_dir(args.out, overwrite=args.overwrite, flag="--out")  # before any work
-    digits = None
-    if not args.no_digits:
+    run_digits_too = not args.no_digits
+    if run_digits_too:
         from zmagic_jax.ports import load_digit_models
         from zmagic_jax.tasks._digits import DEFAULT_RUNS, DigitSettings
 
@@ -48,26 +47,28 @@ def _demo(args) -> int:
             raise ValueError(f"--digit-class must be a digit 0..9; got {args.digit_class}.")
         digit_settings = DigitSettings(target_class=args.digit_class, seeds=tuple(range(args.digit_seeds)),
                                        nan_policy=args.nan_policy)
-        digits = load_digit_models()  # checksums first: a damaged weight file stops the demo before any work
-    total = len(settings.dims) * 9 + (0 if digits is None else len(DEFAULT_RUNS)) + 1
-    with tqdm(total=total, desc="zmagic demo: tracing", unit="run", file=sys.stderr) as bar:
-        def progress(label):
-            bar.update(1)
-            bar.set_description(label)
-        # Every program is traced first, then all compile together on the machine's cores (XLA
-        # releases the interpreter lock while compiling); the runs follow.
-        plan = prepare_testbed_demo(settings)
-        if digits is not None:
-            from zmagic_jax.tasks._digits import prepare_digits, run_digits, save_digits
-            prepare_digits(digits, digit_settings)
-        bar.set_description("zmagic demo: compiling")
-        compile_s = PROGRAMS.compile_pending(workers=2)
-        with atomic_output_dir(args.out, overwrite=args.overwrite, flag="--out", command="demo") as tmp:
+    # The staging folder is made first (so --out is checked and known writable before any work)
+    # and swapped in once, at the end.
+    with atomic_output_dir(args.out, overwrite=args.overwrite, flag="--out", command="demo") as tmp:
+        digits = load_digit_models() if run_digits_too else None  # checksums first: a damaged file stops here
+        total = len(settings.dims) * 9 + (0 if digits is None else len(DEFAULT_RUNS)) + 1
+        with tqdm(total=total, desc="zmagic demo: tracing", unit="run", file=sys.stderr) as bar:
+            def progress(label):
+                bar.update(1)
+                bar.set_description(label)
+            # Every program is traced first, then all compile together on the machine's cores (XLA
+            # releases the interpreter lock while compiling); the runs follow.
+            plan = prepare_testbed_demo(settings)
+            if digits is not None:
+                from zmagic_jax.tasks._digits import prepare_digits, run_digits, save_digits
+                prepare_digits(digits, digit_settings)
+            bar.set_description("zmagic demo: compiling")
+            compile_s = PROGRAMS.compile_pending(workers=2)
             report = write_testbed_demo(Path(tmp), plan, progress, compile_s=compile_s)
             if digits is not None:
                 result = run_digits(digits, digit_settings, progress=progress)
                 digit_report = save_digits(Path(tmp) / "digits", result, digits)
-        bar.update(bar.total - bar.n)
+            bar.update(bar.total - bar.n)
     print(f"\nExact testbed ({settings.sampler}, {settings.num_steps} steps, {settings.num_samples} samples, "
           f"seed {settings.seed}). E = final energy (mean), ED / SW = energy distance / sliced W2 to exact "
           "posterior samples, cos = mean guided-step cosine.")
