@@ -53,3 +53,12 @@ def test_out_of_range_values_are_refused_with_the_flag(argv, flag, tmp_path, cap
         cli.main(argv + ["--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert flag in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_the_demo_table_prints_rows_whose_samples_all_diverged():
+    row = {"dim": 2, "setting": "pair", "scheme": "independent", "final_energy": {"class": {"mean": None}},
+           "energy_distance": None, "sliced_wasserstein": None, "mean_guided_cosine": None,
+           "diverged_samples": 16, "all_diverged": True, "dropped_guidance_steps": 0.5, "wall_time_s": 0.01}
+    table = cli._table({"results": [row]})
+    assert table.splitlines()[-1].split() == ["2", "pair", "independent", "-", "-", "-", "-", "-", "-", "16",
+                                              "(all)", "50%", "0.0"]

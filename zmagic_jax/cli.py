@@ -14,7 +14,7 @@ def _table(report: dict) -> str:
     from zmagic_jax.tasks._recipe import format_table
 
     rows = [("d", "setting", "scheme", "E class", "E meas_1", "E meas_2", "ED", "SW", "cos", "diverged",
-             "time s")]
+             "dropped", "time s")]
     for r in report["results"]:
         e = r["final_energy"]
         fmt = lambda name: f"{e[name]['mean']:.3g}" if name in e and e[name]["mean"] is not None else "-"
@@ -24,6 +24,7 @@ def _table(report: dict) -> str:
                      fmt("measurement_2"), dist("energy_distance"), dist("sliced_wasserstein"),
                      "-" if cos is None else f"{cos:+.3f}",
                      str(r["diverged_samples"]) + (" (all)" if r.get("all_diverged") else ""),
+                     f"{100 * r['dropped_guidance_steps']:.2g}%",
                      "-" if r["wall_time_s"] is None else f"{r['wall_time_s']:.1f}"))
     return format_table(rows)
 
@@ -71,7 +72,8 @@ def _demo(args) -> int:
             bar.update(bar.total - bar.n)
     print(f"\nExact testbed ({settings.sampler}, {settings.num_steps} steps, {settings.num_samples} samples, "
           f"seed {settings.seed}). E = final energy (mean), ED / SW = energy distance / sliced W2 to exact "
-          "posterior samples, cos = mean guided-step cosine.")
+          "posterior samples, cos = mean guided-step cosine, dropped = share of (sample, step) pairs "
+          "whose guidance was non-finite and left out.")
     print(_table(report))
     if digits is not None:
         from zmagic_jax.tasks._digits import digit_table
