@@ -13,9 +13,12 @@ _STYLE = {"none": ("0.5", ":"), "independent": ("tab:blue", "-"), "multi": ("tab
 
 
 def _style(label: str):
+    """Colour by scheme; a ``trust`` variant (term-II trust region) keeps its scheme's colour, dash-dotted."""
     if label.startswith("dependent"):
-        return ("tab:green", "-") if "(1->2)" in label else ("tab:olive", "--")
-    return _STYLE.get(label.split(" ")[0], ("k", "-"))
+        color, ls = ("tab:green", "-") if "(1->2)" in label else ("tab:olive", "--")
+    else:
+        color, ls = _STYLE.get(label.split(" ")[0], ("k", "-"))
+    return (color, "-.") if label.endswith("trust") else (color, ls)
 
 
 def plot_cosines(path, panels: Dict[str, Dict[str, tuple]]) -> None:
