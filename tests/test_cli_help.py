@@ -32,6 +32,7 @@ def test_every_sub_command_has_a_description_defaults_and_choices(capsys):
         assert command in top
     demo = help_of(["demo"], capsys)
     assert "exact Gaussian-mixture testbed" in demo and "(default: 100)" in demo and "(2..1000)" in demo
+    assert "testbed seed (>= 0) (default: 0)" in " ".join(demo.split())  # a zero default is still shown
     assert "{" + ",".join(sorted(SAMPLERS)) + "}" in demo and "--overwrite" in demo and "--nan-policy" in demo
     style = help_of(["text-style"], capsys)
     assert "Stable Diffusion" in style and "(default: dependent)" in style and "{" + ",".join(sorted(SAMPLERS)) in style
