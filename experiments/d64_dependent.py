@@ -30,30 +30,23 @@ import numpy as np
 from zmagic_jax import Record, sample_chain
 from zmagic_jax._io import atomic_write_bytes
 from zmagic_jax.metrics import energy_distance
-from zmagic_jax.models import mixture_denoiser, sample_mixture
 from zmagic_jax.samplers import step_contexts
 from zmagic_jax.samplers._base import with_score_coef
 from zmagic_jax.schedules import linear_schedule, x0_from_eps
 from zmagic_jax.schemes import dependent
-from zmagic_jax.step_rules import score_rule
 from zmagic_jax.tasks._recipe import model_grid, sampler_by_name
-from zmagic_jax.tasks._testbed import exact_posterior, make_testbed
-from zmagic_jax.tasks._testbed_demo import TERM2_TRUST, outside_support
+from zmagic_jax.tasks._testbed_demo import TERM2_TRUST, DemoSettings, draw_dimension, outside_support
 
 HERE = Path(__file__).resolve().parent
 
 
-def setting(seed: int, dim: int = 64, num: int = 1000, steps: int = 100):
-    """The demo's draws for one dimension (the same key derivation as ``prepare_testbed_demo``)."""
+def setting(seed: int, dim: int = 64):
+    """The demo's draws for one dimension (``draw_dimension``: the same testbed, noise and keys)."""
     schedule = linear_schedule()
-    contexts = step_contexts(schedule, model_grid(schedule, steps, "d64"))
-    k_bed, k_noise, k_run, k_exact, *_ = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), dim), 7)
-    bed = make_testbed(k_bed, dim)
-    denoiser = mixture_denoiser(bed.gmm, schedule.alphas_cumprod)
-    conds = tuple(c.condition(score_rule(1.0)) for c in bed.conditions[:2])
-    exact = sample_mixture(k_exact, exact_posterior(bed.gmm, bed.class_index, bed.measurements[:1]), num)
-    return dict(contexts=contexts, bed=bed, denoiser=denoiser, conds=conds, exact=exact,
-                x_T=jax.random.normal(k_noise, (num, dim)), keys=jax.random.split(k_run, num))
+    item = draw_dimension(DemoSettings(seed=seed, dims=(dim,)), dim, schedule)
+    return dict(contexts=step_contexts(schedule, model_grid(schedule, 100, "d64")), bed=item.bed,
+                denoiser=item.denoiser, conds=item.conditions[:2], exact=item.exact["pair"], x_T=item.x_T,
+                keys=item.keys)
 
 
 def _cast(tree, dtype):

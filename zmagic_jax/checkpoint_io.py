@@ -143,10 +143,12 @@ def read_safetensors(path, what: str = "weights file") -> tuple:
     """``(tensors as numpy arrays by name, metadata)`` of a checked ``.safetensors`` file
     (:func:`read_safetensors_header`)."""
     entries, metadata, data_start = read_safetensors_header(path, what)
-    with open(Path(os.fspath(path)).expanduser(), "rb") as f:
+    path = Path(os.fspath(path)).expanduser()
+    data = bytearray(path.stat().st_size - data_start)
+    with open(path, "rb") as f:  # one read into one buffer; the tensors are writable views of it
         f.seek(data_start)
-        data = f.read()
-    tensors = {name: np.frombuffer(data, dtype, count=math.prod(shape), offset=begin).reshape(shape).copy()
+        f.readinto(data)
+    tensors = {name: np.frombuffer(data, dtype, count=math.prod(shape), offset=begin).reshape(shape)
                for name, (dtype, shape, begin, _) in entries.items()}
     return tensors, metadata
 

@@ -52,14 +52,15 @@ def _demo(args) -> int:
     # and swapped in once, at the end.
     with atomic_output_dir(args.out, overwrite=args.overwrite, flag="--out", command="demo") as tmp:
         digits = load_digit_models() if run_digits_too else None  # checksums first: a damaged file stops here
-        total = len(settings.dims) * 9 + (0 if digits is None else len(DEFAULT_RUNS)) + 1
-        with tqdm(total=total, desc="zmagic demo: tracing", unit="run", file=sys.stderr) as bar:
+        with tqdm(desc="zmagic demo: tracing", unit="run", file=sys.stderr) as bar:
             def progress(label):
                 bar.update(1)
                 bar.set_description(label)
             # Every program is traced first, then all compile together on the machine's cores (XLA
             # releases the interpreter lock while compiling); the runs follow.
             plan = prepare_testbed_demo(settings)
+            bar.total = sum(len(item.runs) for item in plan.dims) + (0 if digits is None else len(DEFAULT_RUNS)) + 1
+            bar.refresh()
             if digits is not None:
                 from zmagic_jax.tasks._digits import prepare_digits, run_digits, save_digits
                 prepare_digits(digits, digit_settings)

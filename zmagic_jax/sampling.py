@@ -371,7 +371,7 @@ def _check_shapes(denoiser, conditions, x_T) -> None:
     _CHECKED.add(signature)
 
 
-_PASS_THROUGH = ("convert_element_type", "reshape", "broadcast_in_dim", "copy", "copy_p")
+_PASS_THROUGH = ("convert_element_type", "reshape", "broadcast_in_dim", "copy")
 
 
 def _gradient_is_zero(condition, x, ab) -> bool:
@@ -416,29 +416,32 @@ def nonfinite_message(finite, names, t, denoiser_finite=None, *, sample_name=Non
     sample ``b`` (default ``"sample b"``)."""
     finite = np.asarray(finite)
     label = sample_name or (lambda b: f"sample {b}")
-    guidance_ok = finite.all() if finite.size else True
+    guidance_ok = bool(finite.all())
     den = None if denoiser_finite is None else np.asarray(denoiser_finite)
-    den_ok = den is None or den.all()
-    if guidance_ok and den_ok:
+    if guidance_ok and (den is None or den.all()):
         return None
-    if not den_ok:
-        bad_den = np.argwhere(~den)
-        b, i = map(int, bad_den[0])
-        if not guidance_ok:  # blame the denoiser only if it failed first in that sample
-            gb, gi, _ = map(int, np.argwhere(~finite)[0])
-            first_den = np.flatnonzero(~den[gb])
-            if not (first_den.size and first_den[0] <= gi):
-                b = None
-            else:
-                b, i = gb, int(first_den[0])
-        if b is not None:
-            return (f"the denoiser returned non-finite eps at {label(b)}, step {i} (t={int(t[i])}); everything after "
-                    "it in that sample is non-finite. Check the network's weights and input dtype, and whether "
-                    f"guidance pushed x_t far outside the data (lower the guidance scales). {skip_hint}")
+    culprit = None if den is None else _denoiser_failed_first(finite, den, guidance_ok)
+    if culprit is not None:
+        b, i = culprit
+        return (f"the denoiser returned non-finite eps at {label(b)}, step {i} (t={int(t[i])}); everything after "
+                "it in that sample is non-finite. Check the network's weights and input dtype, and whether "
+                f"guidance pushed x_t far outside the data (lower the guidance scales). {skip_hint}")
     b, i, c = map(int, np.argwhere(~finite)[0])
     bad = [names[k] for k in np.flatnonzero(~finite.all(axis=(0, 1)))]
     return (f"guidance produced non-finite values for condition(s) {bad}: first at {label(b)}, step {i} "
             f"(t={int(t[i])}), condition {names[c]!r}; the guidance of those steps was dropped. {advice} {skip_hint}")
+
+
+def _denoiser_failed_first(finite, den, guidance_ok):
+    """``(sample, step)`` where the denoiser failed, if it did so at or before the first failing
+    condition of that sample (or no condition failed); else ``None``."""
+    if den.all():
+        return None
+    if guidance_ok:
+        return tuple(map(int, np.argwhere(~den)[0]))
+    b, i, _ = map(int, np.argwhere(~finite)[0])
+    first = np.flatnonzero(~den[b])
+    return (b, int(first[0])) if first.size and first[0] <= i else None
 
 
 def _check_finite(finite, names, t, nan_policy, denoiser_finite=None) -> None:

@@ -466,16 +466,11 @@ def direction(x, ctx, noise, *, scheme, denoiser, sampler, detail: bool = False,
         eps, d, info = guided(x)
         info = info._replace(guided=any_active(conditions, ctx))
     else:
-        eps, d, info = jax.lax.cond(
-            any_active(conditions, ctx), lambda x: _without_denoiser_flag(guided(x)),
-            lambda x: unguided(x, ctx, conditions=conditions, denoiser=denoiser, detail=detail), x)
+        eps, d, info = jax.lax.cond(any_active(conditions, ctx), guided,
+                                    lambda x: unguided(x, ctx, conditions=conditions, denoiser=denoiser,
+                                                       detail=detail), x)
+    # set here, after the branch, for every scheme (``scheme.direction`` leaves it None)
     return eps, d, info._replace(denoiser_finite=jnp.all(jnp.isfinite(eps)))
-
-
-def _without_denoiser_flag(out):
-    """Both branches of the skip must have one structure; the flag is set after the branch."""
-    eps, d, info = out
-    return eps, d, info._replace(denoiser_finite=None)
 
 
 def every_step_guided(conditions, contexts) -> bool:

@@ -149,34 +149,38 @@ class DemoPlan(NamedTuple):
     dims: list
 
 
+def draw_dimension(settings: DemoSettings, dim: int, schedule) -> _Dim:
+    """One dimension of the demo: its testbed, conditions (score rule), exact posterior samples and
+    noise floors, starting noise and keys, all from ``fold_in(PRNGKey(seed), dim)``, and its runs."""
+    k_bed, k_noise, k_run, k_exact, k_floor, k_sw, k_land = jax.random.split(
+        jax.random.fold_in(jax.random.PRNGKey(settings.seed), dim), 7)
+    bed = make_testbed(k_bed, dim)
+    denoiser = mixture_denoiser(bed.gmm, schedule.alphas_cumprod)
+    conds = tuple(c.condition(score_rule(settings.guidance_scale)) for c in bed.conditions)
+    posteriors = {"pair": exact_posterior(bed.gmm, bed.class_index, bed.measurements[:1]), "triple": bed.posterior}
+    exact = {s: sample_mixture(k_exact, p, settings.num_samples) for s, p in posteriors.items()}
+    floor = {s: (energy_distance(exact[s], sample_mixture(k_floor, p, settings.num_samples)),
+                 sliced_wasserstein(k_sw, exact[s], sample_mixture(k_floor, p, settings.num_samples)))
+             for s, p in posteriors.items()}
+    x_T = jax.random.normal(k_noise, (settings.num_samples, dim))
+    keys = jax.random.split(k_run, settings.num_samples)
+    runs = [_Run(*run) for run in _runs(conds)]
+    return _Dim(dim, bed, denoiser, conds, x_T, keys, exact, floor, k_sw, k_floor, k_land, runs)
+
+
 def prepare_testbed_demo(settings: DemoSettings = DemoSettings(), programs: Optional[Programs] = None) -> DemoPlan:
-    """Draw every dimension's testbed, exact posterior samples and starting noise, and lower (trace)
-    every run's program into ``programs`` (default the process-wide cache) without compiling."""
+    """Draw every dimension (:func:`draw_dimension`) and lower (trace) every run's program into
+    ``programs`` (default the process-wide cache) without compiling."""
     programs = PROGRAMS if programs is None else programs
     schedule = linear_schedule()
     grid = model_grid(schedule, settings.num_steps, "demo")
     sampler = sampler_by_name(settings.sampler)
     contexts = step_contexts(schedule, grid)
-    rule = score_rule(settings.guidance_scale)
-    key = jax.random.PRNGKey(settings.seed)
-    dims = []
-    for dim in settings.dims:
-        k_bed, k_noise, k_run, k_exact, k_floor, k_sw, k_land = jax.random.split(jax.random.fold_in(key, dim), 7)
-        bed = make_testbed(k_bed, dim)
-        denoiser = mixture_denoiser(bed.gmm, schedule.alphas_cumprod)
-        conds = tuple(c.condition(rule) for c in bed.conditions)
-        posteriors = {"pair": exact_posterior(bed.gmm, bed.class_index, bed.measurements[:1]),
-                      "triple": bed.posterior}
-        exact = {s: sample_mixture(k_exact, p, settings.num_samples) for s, p in posteriors.items()}
-        floor = {s: (energy_distance(exact[s], sample_mixture(k_floor, p, settings.num_samples)),
-                     sliced_wasserstein(k_sw, exact[s], sample_mixture(k_floor, p, settings.num_samples)))
-                 for s, p in posteriors.items()}
-        x_T = jax.random.normal(k_noise, (settings.num_samples, dim))
-        keys = jax.random.split(k_run, settings.num_samples)
-        runs = [_Run(*run) for run in _runs(conds)]
-        for run in runs:
-            programs.lower(sample_batch, (keys, x_T, contexts, denoiser, run.scheme, sampler), skips(run.scheme, contexts))
-        dims.append(_Dim(dim, bed, denoiser, conds, x_T, keys, exact, floor, k_sw, k_floor, k_land, runs))
+    dims = [draw_dimension(settings, dim, schedule) for dim in settings.dims]
+    for item in dims:
+        for run in item.runs:
+            programs.lower(sample_batch, (item.keys, item.x_T, contexts, item.denoiser, run.scheme, sampler),
+                           skips(run.scheme, contexts))
     return DemoPlan(settings, schedule, grid, sampler, contexts, dims)
 
 
