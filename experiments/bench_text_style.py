@@ -102,15 +102,21 @@ class Models(NamedTuple):
 
 
 def build_models(root: Path) -> Models:
-    """Tiny SD + CLIP saved under ``root`` and loaded back: Flax through the library, PyTorch as
-    ``tiny_models`` made them (frozen: PyTorch differentiates only with respect to ``x``)."""
+    """Tiny SD + CLIP saved under ``root`` and loaded back: Flax through the library, PyTorch by
+    diffusers' / transformers' ``from_pretrained`` of the same folders (frozen: PyTorch
+    differentiates only with respect to ``x``)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from tiny_models import save_tiny_clip, save_tiny_stable_diffusion
+    from transformers import CLIPModel
 
     sd_dirs = save_tiny_stable_diffusion(root / "sd")
     clip_dirs = save_tiny_clip(root / "clip")
-    sd = load_stable_diffusion(sd_dirs["pt"])
-    clip = load_clip(clip_dirs["pt"])
-    for module in (sd_dirs["unet"], sd_dirs["vae"], clip_dirs["torch"]):
+    sd = load_stable_diffusion(sd_dirs["path"])
+    clip = load_clip(clip_dirs["path"])
+    torch_unet = UNet2DConditionModel.from_pretrained(sd_dirs["path"] / "unet")
+    torch_vae = AutoencoderKL.from_pretrained(sd_dirs["path"] / "vae")
+    torch_clip = CLIPModel.from_pretrained(clip_dirs["path"])
+    for module in (torch_unet, torch_vae, torch_clip):
         module.eval().requires_grad_(False)
     contexts = zm.step_contexts(sd.schedule, zm.timestep_grid(sd.schedule.num_train_steps, NUM_STEPS))
     ctx = jax.tree_util.tree_map(lambda a: a[MID_STEP], contexts)
@@ -118,7 +124,7 @@ def build_models(root: Path) -> Models:
     style = np.tanh(rng.standard_normal((32, 32, 3))).astype(np.float32)
     x = rng.standard_normal((4, 4, 8, 8)).astype(np.float32)
     embeds = np.asarray(encode_prompt(sd, [SD_PROMPT, ""]))
-    return Models(sd, clip, sd_dirs["unet"], sd_dirs["vae"], clip_dirs["torch"], embeds, style, x, ctx)
+    return Models(sd, clip, torch_unet, torch_vae, torch_clip, embeds, style, x, ctx)
 
 
 # ----------------------------------------------------------------------------- JAX
@@ -256,8 +262,10 @@ class TorchStep:
         with torch.no_grad():
             ref = torch.from_numpy(m.style_image).permute(2, 0, 1)[None]
             self.gram_ref = self._gram(ref)[0]
-            ids = m.clip.tokenizer(CLIP_PROMPT, return_tensors="pt")["input_ids"]
-            self.text = m.torch_clip.get_text_features(input_ids=ids)[0]
+            tok = m.clip.tokenizer
+            ids = torch.tensor([[tok.bos_token_id] + tok.token_ids(CLIP_PROMPT) + [tok.eos_token_id]])
+            text = m.torch_clip.get_text_features(input_ids=ids)
+            self.text = getattr(text, "pooler_output", text)[0]  # transformers 5 returns an output
 
     def _pixels(self, image):
         """FreeDoM's CLIP input: bicubic resize of the [0, 1] image, CLIP normalisation."""
@@ -273,6 +281,7 @@ class TorchStep:
     def energies(self, image):
         style = self.torch.linalg.norm(self._gram(image) - self.gram_ref, dim=(1, 2)).sum()
         features = self.m.torch_clip.get_image_features(pixel_values=self._pixels(image))
+        features = getattr(features, "pooler_output", features)
         text = self.torch.linalg.norm(self.text - features, dim=-1).sum()
         return style, text
 

@@ -96,7 +96,7 @@ def main(seed: int, out: Path) -> dict:
     schemes = {"paper": dependent(s["conds"]), "trust": dependent(s["conds"], term2_trust=TERM2_TRUST)}
     rows, per_step = [], None
     for dtype in ("float32", "float64"):
-        with jax.experimental.enable_x64(dtype == "float64"):
+        with jax.enable_x64(dtype == "float64"):
             args = _cast((s["contexts"], s["denoiser"]), dtype)
             for shift in (0.0, 1e-7):
                 x_T = _cast(s["x_T"], dtype) + shift

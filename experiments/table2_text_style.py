@@ -94,8 +94,8 @@ def build_tiny(folder, num_styles: int):
     from experiments.tiny_models import save_tiny_clip, save_tiny_stable_diffusion
 
     folder = Path(folder)
-    sd = save_tiny_stable_diffusion(folder / "sd")["flax"]
-    clip = save_tiny_clip(folder / "clip")["flax"]
+    sd = save_tiny_stable_diffusion(folder / "sd")["path"]
+    clip = save_tiny_clip(folder / "clip")["path"]
     return sd, clip, [("lower newer", "a cat")], synthetic_styles(folder / "styles", num_styles)
 
 

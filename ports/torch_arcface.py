@@ -68,29 +68,3 @@ def from_config(config):
     return TorchArcFace(stage_units=config.units, widths=config.widths, input_size=config.input_size,
                         embedding_size=config.embedding_size, se_reduction=config.se_reduction,
                         bn_eps=config.bn_eps).eval()
-
-
-def randomize_(module, seed=0):
-    """Random weights and BatchNorm statistics of a realistic scale (PReLU slopes in [0, 0.5]), so an
-    eval-mode parity check exercises every tensor. Returns ``module`` in eval mode."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def uniform(shape, low, high):
-        return low + (high - low) * torch.rand(shape, generator=gen)
-
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
-                m.running_var.copy_(uniform(m.running_var.shape, 0.5, 1.5))
-                if m.affine:
-                    m.weight.copy_(uniform(m.weight.shape, 0.5, 1.5))
-                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
-            elif isinstance(m, nn.PReLU):
-                m.weight.copy_(uniform(m.weight.shape, 0.0, 0.5))
-            elif isinstance(m, (nn.Conv2d, nn.Linear)):
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) / fan_in ** 0.5)
-                if m.bias is not None:
-                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
-    return module.eval()

@@ -159,18 +159,3 @@ class Model(nn.Module):
 def from_config(config):
     """The network of a ``DDPMUNetConfig`` (any object with its fields), eval mode."""
     return Model(config).eval()
-
-
-def randomize_(model, seed=0):
-    """Random weights with GroupNorm affine params away from (1, 0), so every tensor matters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("weight") and p.ndim == 1:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-            elif p.ndim == 1:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
-    return model.eval()

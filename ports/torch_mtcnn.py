@@ -45,16 +45,3 @@ def feature_size(input_size):
 def from_config(config):
     """The network of an ``ONetConfig`` (any object with its fields), eval mode."""
     return TorchONet(tuple(config.widths), config.hidden, feature_size(config.input_size)).eval()
-
-
-def randomize_(module, seed=0):
-    """Random weights of a realistic scale (PReLU slopes in [0, 0.5]) so parity is not trivially 0."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.startswith("prelu"):
-                p.copy_(0.5 * torch.rand(p.shape, generator=gen))
-            else:
-                fan_in = p[0].numel() if p.ndim > 1 else 1
-                p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5 * (1.0 if p.ndim > 1 else 0.1))
-    return module

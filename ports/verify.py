@@ -203,8 +203,6 @@ def verify(network: str, path, *, config=None, seed: int = 0, samples: int = 2,
     port, reference = _port(network), REFERENCES[network]
     if samples < 1 or not tolerance > 0:
         raise VerifyError(f"need --samples >= 1 and --tolerance > 0; got {samples} and {tolerance}")
-    if importlib.util.find_spec("torch") is None:
-        raise VerifyError(TORCH_HINT)
     path = Path(path).expanduser()
     if not is_torch_checkpoint(path):
         raise VerifyError(f"{path}: expected the PyTorch checkpoint ({', '.join(TORCH_SUFFIXES)}) of "
@@ -212,9 +210,12 @@ def verify(network: str, path, *, config=None, seed: int = 0, samples: int = 2,
                           "file holds Flax params only: pass the file it was converted from)")
 
     import jax
+
+    module, params = load_port(port, path, config)  # a file that does not convert needs no PyTorch to be told so
+    if importlib.util.find_spec("torch") is None:
+        raise VerifyError(TORCH_HINT)
     import torch
 
-    module, params = load_port(port, path, config)
     model = importlib.import_module(f"ports.{reference.torch_module}").from_config(module.config)  # eval mode
     try:
         model.load_state_dict(_torch_state_dict(port, path), strict=True)

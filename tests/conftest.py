@@ -54,25 +54,23 @@ def random_mixture_params(seed, num=3, dim=3, mean_std=1.5, jitter=0.1):
 
 @pytest.fixture
 def x64():
-    with jax.experimental.enable_x64():
+    with jax.enable_x64():
         yield
 
 
 @pytest.fixture(scope="session")
 def tiny_sd_dirs(tmp_path_factory):
-    """A tiny random Stable Diffusion saved as PyTorch (``pt``, ``pt_bin``) and Flax (``flax``)
-    diffusers folders, plus its PyTorch modules (see ``experiments/tiny_models.py``)."""
-    pytest.importorskip("torch")
+    """A tiny random Stable Diffusion saved as a diffusers folder with safetensors weights
+    (``path``) and the Flax params written (see ``experiments/tiny_models.py``; no PyTorch)."""
     from experiments.tiny_models import save_tiny_stable_diffusion
-    return save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny_sd"))
+    return save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny_sd") / "sd")
 
 
 @pytest.fixture(scope="session")
 def tiny_clip_dirs(tmp_path_factory):
-    """A tiny random CLIP saved as PyTorch (``pt``) and Flax (``flax``) folders."""
-    pytest.importorskip("torch")
+    """A tiny random CLIP saved as a transformers folder (``path``) and its Flax params."""
     from experiments.tiny_models import save_tiny_clip
-    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip") / "clip")
 
 
 @pytest.hookimpl(tryfirst=True)

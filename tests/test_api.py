@@ -307,19 +307,16 @@ SHARDED = textwrap.dedent("""
             assert len(four.x0.sharding.device_set) == 4
             diff = float(np.max(np.abs(np.asarray(one.x0) - np.asarray(four.x0))))
             print(scheme.name, shape, diff)
-            if shape == (32, 8):
-                assert diff == 0.0, (scheme.name, shape, diff)
-            else:
-                assert diff <= 4e-7 * float(np.max(np.abs(np.asarray(one.x0)))) + 1e-7, (scheme.name, shape, diff)
+            assert diff <= 4e-7 * float(np.max(np.abs(np.asarray(one.x0)))) + 1e-7, (scheme.name, shape, diff)
             np.testing.assert_array_equal(np.asarray(one.finite), np.asarray(four.finite))
 """)
 
 
 def test_sharded_sampling_over_four_host_devices_equals_one_device():
-    """Bit for bit on 8-float samples (8 per device). The sharded run is another XLA program (per-device
-    shapes after SPMD partitioning); XLA:CPU vectorises each shape's loops differently and the
-    scalar remainder of a partial vector may round a multiply-add differently, so other shapes
-    (here 3-float samples) agree to one or two float32 ulps (measured 6e-8 .. 2.4e-7)."""
+    """To one or two float32 ulps. The sharded run is another XLA program (per-device shapes after
+    SPMD partitioning); XLA:CPU vectorises each shape's loops differently and the scalar remainder
+    of a partial vector may round a multiply-add differently (measured 6e-8 .. 3e-7). On jax 0.7
+    8-float samples (8 per device) came out bit for bit; jax 0.12's XLA differs there by 3e-7."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root)
     out = subprocess.run([sys.executable, "-c", SHARDED], cwd=root, env=env, capture_output=True, text=True,

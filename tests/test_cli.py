@@ -87,10 +87,9 @@ def test_convert_writes_self_describing_params(tmp_path, capsys):
     import importlib.util
 
     import numpy as np
-    import torch
     from flax import traverse_util
 
-    from zmagic_jax.models import ONetConfig
+    from tests.parity import CHECKPOINTS
     from zmagic_jax.ports import load_onet, params_metadata
     if importlib.util.find_spec("facenet_pytorch") is None:
         pytest.skip("facenet-pytorch (installed by `make`) ships the ONet weights")
@@ -101,10 +100,8 @@ def test_convert_writes_self_describing_params(tmp_path, capsys):
     direct, converted = load_onet()[1], load_onet(out)[1]
     for key, value in traverse_util.flatten_dict(direct).items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(traverse_util.flatten_dict(converted)[key]))
-    # A checkpoint of another ONet size is refused, naming the mismatch, and nothing is written.
-    tiny = ONetConfig(widths=(4, 8, 8, 16), hidden=16, input_size=26)
-    from ports.torch_mtcnn import TorchONet
-    torch.save(TorchONet(tiny.widths, tiny.hidden, 1).state_dict(), tmp_path / "tiny.pth")
+    # A checkpoint of another ONet size (a small one torch.save wrote) is refused, naming the
+    # mismatch, and nothing is written.
     with pytest.raises(SystemExit):
-        cli.main(["convert", "onet", str(tmp_path / "tiny.pth"), str(tmp_path / "tiny.safetensors")])
-    assert "does not match" in capsys.readouterr().err and not (tmp_path / "tiny.safetensors").exists()
+        cli.main(["convert", "onet", str(CHECKPOINTS / "onet.pt"), str(tmp_path / "small.safetensors")])
+    assert "does not match" in capsys.readouterr().err and not (tmp_path / "small.safetensors").exists()

@@ -65,4 +65,4 @@ from zmagic_jax.step_rules import (
     score_rule,
 )
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

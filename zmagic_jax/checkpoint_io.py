@@ -62,7 +62,9 @@ def save_params(path, params, metadata: Optional[dict] = None) -> None:
     ``metadata`` (str -> str), e.g. ``{"network": ..., "config": json}``, is stored in the
     file's header, so a converted file describes the network it holds (:func:`params_metadata`)."""
     flat = traverse_util.flatten_dict(params, sep="/")
-    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flat.items()}
+    # C-order copies (np.array keeps a transposed layout, whose bytes safetensors would write as
+    # they lie in memory); 0-d stays 0-d (np.ascontiguousarray makes it 1-d)
+    arrays = {k: np.array(v, order="C") for k, v in flat.items()}
     atomic_write_bytes(path, safetensors_save(arrays, metadata=metadata))
 
 

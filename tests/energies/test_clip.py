@@ -1,17 +1,24 @@
-"""CLIP energies against PyTorch ``CLIPModel`` on a tiny random CLIP (no download, no hub)."""
+"""CLIP energies against PyTorch ``CLIPModel`` on a tiny random CLIP (no download, no hub).
+
+The tiny CLIP is written by ``experiments/tiny_models.py`` (numpy random weights, PyTorch key
+layout); the references are transformers' ``CLIPModel.from_pretrained`` of that very folder,
+computed live where PyTorch is installed and read from ``tests/references/energies_clip.safetensors``
+elsewhere (``tests/references.py``)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
+from tests.references import torch_reference
 from zmagic_jax.energies import (CLIP_MEAN, CLIP_STD, clip_image_input, clip_style_energy,
                                  clip_style_features, clip_text_energy, image_embedding, load_clip,
                                  text_embedding)
 from zmagic_jax.energies import safe_norm
 
 LAYER = 3
+GROUP = "energies_clip"
 
 
 @jax.jit
@@ -28,10 +35,8 @@ def _values_and_grads(energies, batch):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_clip_dirs):
-    """The tiny random CLIP in PyTorch format (``pt_dir``) and Flax format (``flax_dir``)."""
-    return dict(torch=tiny_clip_dirs["torch"], tokenizer=tiny_clip_dirs["tokenizer"],
-                pt_dir=tiny_clip_dirs["pt"], flax_dir=tiny_clip_dirs["flax"],
-                clip_pt=load_clip(tiny_clip_dirs["pt"]), clip=load_clip(tiny_clip_dirs["flax"]))
+    """The tiny random CLIP folder and the library's load of it."""
+    return dict(path=tiny_clip_dirs["path"], clip=load_clip(tiny_clip_dirs["path"]))
 
 
 def images(seed, num=None, size=(40, 28)):
@@ -39,29 +44,70 @@ def images(seed, num=None, size=(40, 28)):
     return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=1)
+def _torch_clip(path):
+    import transformers
+    return (transformers.CLIPModel.from_pretrained(str(path), local_files_only=True).eval(),
+            transformers.CLIPTokenizer.from_pretrained(str(path), local_files_only=True))
+
+
 def torch_pixels(image):
     """The reference preprocessing: bicubic ``F.interpolate`` then ``Normalize`` on ``(x + 1) / 2``."""
+    import torch
+    import torch.nn.functional as F
     x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None]
     x = F.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False)
     mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
     return ((x + 1) / 2 - mean) / std
 
 
+def _features(out):
+    """The projected embedding of one input: transformers 4 returns the tensor, transformers 5 an
+    output whose ``pooler_output`` holds it."""
+    return getattr(out, "pooler_output", out)[0].numpy()
+
+
+def _torch_text(path, prompt):
+    import torch
+    model, tokenizer = _torch_clip(path)
+    with torch.no_grad():
+        return _features(model.get_text_features(input_ids=torch.tensor([tokenizer(prompt)["input_ids"]])))
+
+
+def _torch_image(path, image):
+    import torch
+    with torch.no_grad():
+        return _features(_torch_clip(path)[0].get_image_features(pixel_values=torch_pixels(image)))
+
+
+def _torch_hidden(path, image, layer):
+    import torch
+    with torch.no_grad():
+        out = _torch_clip(path)[0].vision_model(pixel_values=torch_pixels(image), output_hidden_states=True)
+    return out.hidden_states[layer][0, 1:].numpy()
+
+
+# The references, by a name that says what they are (the inputs are fixed seeds).
 def torch_text(tiny, prompt):
-    ids = torch.tensor([tiny["tokenizer"](prompt)["input_ids"]])
-    with torch.no_grad():
-        return tiny["torch"].get_text_features(input_ids=ids)[0]
+    return torch_reference(GROUP, f"text/{prompt}", lambda: _torch_text(tiny["path"], prompt))
 
 
-def torch_image(tiny, image):
-    with torch.no_grad():
-        return tiny["torch"].get_image_features(pixel_values=torch_pixels(image))[0]
+def torch_image(tiny, image, name):
+    return torch_reference(GROUP, f"image/{name}", lambda: _torch_image(tiny["path"], image))
 
 
-def torch_style(tiny, image):
-    with torch.no_grad():
-        out = tiny["torch"].vision_model(pixel_values=torch_pixels(image), output_hidden_states=True)
-    return out.hidden_states[LAYER][0, 1:]
+def torch_style(tiny, image, name, layer=LAYER):
+    return torch_reference(GROUP, f"hidden{layer}/{name}", lambda: _torch_hidden(tiny["path"], image, layer))
+
+
+def gram(f):
+    f = np.asarray(f, np.float64)
+    return f.T @ f
+
+
+def cosine_distance(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return 1.0 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
 
 
 def rel_err(a, b):
@@ -69,10 +115,12 @@ def rel_err(a, b):
     return np.max(np.abs(a - b)) / np.max(np.abs(b))
 
 
-def test_both_formats_load_and_agree(tiny):
-    clip, clip_pt = tiny["clip"], tiny["clip_pt"]
-    assert clip.image_size == clip_pt.image_size == 32
-    for a, b in zip(jax.tree.leaves(clip.params), jax.tree.leaves(clip_pt.params)):
+def test_folder_loads_the_params_written(tiny, tiny_clip_dirs):
+    clip = tiny["clip"]
+    assert clip.image_size == 32
+    written = jax.tree.leaves(tiny_clip_dirs["params"])
+    assert len(jax.tree.leaves(clip.params)) == len(written)
+    for a, b in zip(jax.tree.leaves(clip.params), written):
         np.testing.assert_array_equal(a, b)
 
 
@@ -80,17 +128,18 @@ def test_image_input_matches_torch_preprocessing(tiny):
     image = images(0)
     out = clip_image_input(tiny["clip"], image)
     assert out.shape == (1, 3, 32, 32)
-    np.testing.assert_allclose(out, torch_pixels(image).numpy(), rtol=1e-5, atol=1e-5)
+    ref = torch_reference(GROUP, "pixels/0", lambda: torch_pixels(image).numpy())
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_embeddings_and_style_features_match_torch(tiny):
     clip, image = tiny["clip"], images(1)
     for prompt in ("a cat", "a cat to a cat!"):
-        assert rel_err(text_embedding(clip, prompt), torch_text(tiny, prompt).numpy()) < 1e-4
+        assert rel_err(text_embedding(clip, prompt), torch_text(tiny, prompt)) < 1e-4
     embedding, features = jax.jit(lambda x: (image_embedding(clip, x), clip_style_features(clip, x, LAYER)))(image)
-    assert rel_err(embedding, torch_image(tiny, image).numpy()) < 1e-4
+    assert rel_err(embedding, torch_image(tiny, image, "1")) < 1e-4
     assert features.shape == (16, 32)
-    assert rel_err(features, torch_style(tiny, image).numpy()) < 1e-4
+    assert rel_err(features, torch_style(tiny, image, "1")) < 1e-4
 
 
 def test_energies_equal_torch_formulas_under_jit_vmap_grad(tiny):
@@ -103,15 +152,15 @@ def test_energies_equal_torch_formulas_under_jit_vmap_grad(tiny):
                 "cosine": clip_text_energy(clip, "a cat", "cosine"),
                 "style": clip_style_energy(clip, ref, LAYER)}
     results = _values_and_grads(energies, batch)
-    text, ref_style = torch_text(tiny, "a cat"), torch_style(tiny, ref).double()
-    for i, image in enumerate(batch[:2]):
-        emb, style = torch_image(tiny, image), torch_style(tiny, image).double()
-        expected = {"freedom": torch.linalg.norm(text - emb),
-                    "cosine": 1 - F.cosine_similarity(text, emb, dim=0),
-                    "style": torch.linalg.norm(style.T @ style - ref_style.T @ ref_style)}
+    text, ref_style = torch_text(tiny, "a cat"), torch_style(tiny, ref, "3")
+    for i, (image, seed) in enumerate(zip(batch[:2], ("2", "4"))):
+        emb, style = torch_image(tiny, image, seed), torch_style(tiny, image, seed)
+        expected = {"freedom": np.linalg.norm(np.asarray(text, np.float64) - emb),
+                    "cosine": cosine_distance(text, emb),
+                    "style": np.linalg.norm(gram(style) - gram(ref_style))}
         for name, value in expected.items():
             energy, grad = results[name][0][i], results[name][1][i]
-            assert rel_err(energy, value.numpy()) < 1e-4, name
+            assert rel_err(energy, value) < 1e-4, name
             assert np.all(np.isfinite(grad)) and np.max(np.abs(grad)) > 0, name
     # ~0 up to float32 round-off (the reference was computed by a separately compiled graph, so
     # the residual is tiny but not exactly zero and the gradient of its norm stays O(1)).
@@ -134,20 +183,24 @@ def test_missing_folder_files_and_weights(tmp_path, tiny):
     folder = tmp_path / "noweights"
     folder.mkdir()
     for name in ("config.json", "vocab.json", "merges.txt"):
-        (folder / name).write_bytes((tiny["flax_dir"] / name).read_bytes())
-    with pytest.raises(FileNotFoundError, match=r"(?s)no weight file.*flax_model\.msgpack.*model\.safetensors"):
+        (folder / name).write_bytes((tiny["path"] / name).read_bytes())
+    with pytest.raises(FileNotFoundError, match=r"(?s)no weight file.*model\.safetensors.*pytorch_model\.bin"):
         load_clip(folder)
+    (folder / "flax_model.msgpack").write_bytes(b"old")
+    with pytest.raises(FileNotFoundError, match=r"(?s)Flax weights \(flax_model\.msgpack\).*PyTorch weights"):
+        load_clip(folder)
+    (folder / "model.safetensors").write_bytes((tiny["path"] / "model.safetensors").read_bytes())
     (folder / "vocab.json").unlink()
-    with pytest.raises(FileNotFoundError, match="missing vocab.json"):
+    with pytest.raises(FileNotFoundError, match="vocab.json"):
         load_clip(folder)
 
 
-@pytest.mark.parametrize("name", ["flax_model.msgpack", "model.safetensors", "pytorch_model.bin"])
+@pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin"])
 def test_garbage_weights(tmp_path, tiny, name):
     for file in ("config.json", "vocab.json", "merges.txt"):
-        (tmp_path / file).write_bytes((tiny["flax_dir"] / file).read_bytes())
+        (tmp_path / file).write_bytes((tiny["path"] / file).read_bytes())
     (tmp_path / name).write_bytes(np.random.default_rng(0).bytes(300))
-    expected = "is not a valid .safetensors file" if name.endswith(".safetensors") else "could not read CLIP weights"
+    expected = "is not a valid .safetensors file" if name.endswith(".safetensors") else "could not read"
     with pytest.raises(ValueError, match=f"(?s)({expected}.*{name}|{name}.*{expected})"):
         load_clip(tmp_path)
 
@@ -159,12 +212,6 @@ def test_bad_mode_and_layer(tiny):
         clip_style_energy(tiny["clip"], images(0), layer=5)
 
 
-def torch_content(tiny, image, layer):
-    with torch.no_grad():
-        out = tiny["torch"].vision_model(pixel_values=torch_pixels(image), output_hidden_states=True)
-    return out.hidden_states[layer][0, 1:].double()
-
-
 def test_content_style_and_text_metrics_equal_torch_formulas(tiny):
     """One image's metrics against PyTorch: content = mean squared CLIP feature difference,
     style = Frobenius norm of the Gram difference (the style energy's value), text distance =
@@ -174,19 +221,19 @@ def test_content_style_and_text_metrics_equal_torch_formulas(tiny):
 
     clip, image, content, style = tiny["clip"], images(5), images(6, size=(32, 32)), images(7, size=(20, 20))
     layer = 2
-    f, fc = torch_content(tiny, image, layer), torch_content(tiny, content, layer)
-    expected_content = torch.mean((f - fc) ** 2)
-    fs, fx = torch_style(tiny, style).double(), torch_style(tiny, image).double()
-    expected_style = torch.linalg.norm(fx.T @ fx - fs.T @ fs)
-    expected_text = 1 - F.cosine_similarity(torch_text(tiny, "a cat"), torch_image(tiny, image), dim=0)
+    f = np.asarray(torch_style(tiny, image, "5", layer), np.float64)
+    fc = np.asarray(torch_style(tiny, content, "6", layer), np.float64)
+    expected_content = np.mean((f - fc) ** 2)
+    expected_style = np.linalg.norm(gram(torch_style(tiny, image, "5")) - gram(torch_style(tiny, style, "7")))
+    expected_text = cosine_distance(torch_text(tiny, "a cat"), torch_image(tiny, image, "5"))
 
     metrics = jax.jit(lambda x, c, s, e: (clip_content_loss(clip, x, c, layer), clip_style_loss(clip, x, s, LAYER),
                                           clip_text_distance(clip, x, e)))
     content_loss, style_loss, text_distance = metrics(image, content, style, text_embedding(clip, "a cat"))
-    assert rel_err(content_loss, expected_content.numpy()) < 1e-4
-    assert rel_err(style_loss, expected_style.numpy()) < 1e-4
-    assert rel_err(text_distance, expected_text.numpy()) < 1e-4
-    assert rel_err(clip_text_distance(clip, image, "a cat"), expected_text.numpy()) < 1e-4
+    assert rel_err(content_loss, expected_content) < 1e-4
+    assert rel_err(style_loss, expected_style) < 1e-4
+    assert rel_err(text_distance, expected_text) < 1e-4
+    assert rel_err(clip_text_distance(clip, image, "a cat"), expected_text) < 1e-4
     np.testing.assert_allclose(_value(clip_style_energy(clip, style, LAYER), image), style_loss, rtol=1e-5)
 
     energy = clip_content_energy(clip, content, layer)

@@ -18,7 +18,6 @@ import zmagic_jax as zm
 from zmagic_jax.energies import clip_style_energy, load_clip
 from zmagic_jax.models import StableDiffusion, decode_latents, encode_prompt, latent_denoiser, load_stable_diffusion
 
-pytest.importorskip("torch")
 
 
 def _to64(tree):
@@ -44,11 +43,11 @@ def style_energy(vae, scaling_factor, params, z):
 
 @pytest.fixture(scope="module")
 def latent_setup(tiny_sd_dirs, tiny_clip_dirs):
-    with jax.experimental.enable_x64():
-        sd = load_stable_diffusion(tiny_sd_dirs["pt"], dtype=jnp.float64)
+    with jax.enable_x64():
+        sd = load_stable_diffusion(tiny_sd_dirs["path"], dtype=jnp.float64)
         sd = sd._replace(unet_params=_to64(sd.unet_params), vae_params=_to64(sd.vae_params),
                          text_params=_to64(sd.text_params))
-        clip = load_clip(tiny_clip_dirs["pt"], dtype=jnp.float64)
+        clip = load_clip(tiny_clip_dirs["path"], dtype=jnp.float64)
         emb = encode_prompt(sd, ["lower newer", ""])
         den = latent_denoiser(sd, emb[0], emb[1], 3.0)
         style_ref = np.random.default_rng(0).uniform(-1, 1, (24, 24, 3))
@@ -90,7 +89,7 @@ def _energy(c, den, x, ctx):
 def test_term_two_through_unet_vae_clip_equals_explicit_jacobian(latent_setup, leader):
     """``leader="pixels"``: Algorithm 1 with a decoded-image energy first (its Hessian enters term II);
     ``"model"``: the CFG prompt leads (the paper's SD text + style setting)."""
-    with jax.experimental.enable_x64():
+    with jax.enable_x64():
         sd, den, pixels, style = latent_setup
         sampler = zm.ddpm_posterior()
         ctx = _context(sampler, sd)

@@ -1,12 +1,17 @@
-"""PyTorch-exact resampling (``zmagic_jax.models._resize``) against ``torch.nn.functional``."""
+"""PyTorch-exact resampling (``zmagic_jax.models._resize``) against ``torch.nn.functional``.
+
+The PyTorch values (sketches of the images, ``tests/parity.py``) are computed live where PyTorch is
+installed and read from ``tests/references/models_resize.safetensors`` elsewhere
+(``tests/references.py``)."""
 import jax
 import numpy as np
 import pytest
 
+from tests.parity import sketch
+from tests.references import torch_reference
 from zmagic_jax.models._resize import adaptive_avg_pool_torch, resize_bicubic_torch
 
-torch = pytest.importorskip("torch")
-F = torch.nn.functional
+GROUP = "models_resize"
 
 
 def _images(shape, seed=0, dtype=np.float32):
@@ -14,6 +19,7 @@ def _images(shape, seed=0, dtype=np.float32):
 
 
 def _nchw(x):
+    import torch
     return torch.from_numpy(x).permute(0, 3, 1, 2)
 
 
@@ -29,10 +35,16 @@ def test_bicubic_matches_torch(in_hw, out_hw, x64):
     """Exact in float64. (In float32 PyTorch's own source coordinates and weights are rounded, which
     moves its output by up to ~2e-5 from the exact resize.)"""
     x = _images((2,) + in_hw + (3,), dtype=np.float64)
+
+    def torch_values():
+        import torch
+        return sketch(_nhwc(torch.nn.functional.interpolate(_nchw(x), size=out_hw, mode="bicubic",
+                                                            align_corners=False)))
+
     ours = np.asarray(resize_bicubic_torch(x, out_hw))
-    ref = _nhwc(F.interpolate(_nchw(x), size=out_hw, mode="bicubic", align_corners=False))
-    assert ours.dtype == np.float64 and ours.shape == ref.shape
-    np.testing.assert_allclose(ours, ref, atol=1e-12, rtol=0)
+    assert ours.dtype == np.float64 and ours.shape == (2, *out_hw, 3)
+    np.testing.assert_allclose(sketch(ours), torch_reference(GROUP, f"bicubic/{in_hw}->{out_hw}", torch_values),
+                               atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("in_hw, out_hw", [((188, 188), (112, 112)),  # ArcFace's crop: overlapping bins
@@ -42,10 +54,15 @@ def test_bicubic_matches_torch(in_hw, out_hw, x64):
                                             ((12, 12), (12, 12))])
 def test_adaptive_avg_pool_matches_torch(in_hw, out_hw, x64):
     x = _images((2,) + in_hw + (3,), seed=1, dtype=np.float64)
+
+    def torch_values():
+        import torch
+        return sketch(_nhwc(torch.nn.functional.adaptive_avg_pool2d(_nchw(x), out_hw)))
+
     ours = np.asarray(adaptive_avg_pool_torch(x, out_hw))
-    ref = _nhwc(F.adaptive_avg_pool2d(_nchw(x), out_hw))
-    assert ours.dtype == np.float64 and ours.shape == ref.shape
-    np.testing.assert_allclose(ours, ref, atol=1e-12, rtol=0)
+    assert ours.dtype == np.float64 and ours.shape == (2, *out_hw, 3)
+    np.testing.assert_allclose(sketch(ours), torch_reference(GROUP, f"pool/{in_hw}->{out_hw}", torch_values),
+                               atol=1e-12, rtol=0)
 
 
 def test_resampling_gradients_match_torch():
@@ -58,12 +75,17 @@ def test_resampling_gradients_match_torch():
         return ((resize_bicubic_torch(img, (23, 51)) * v_bicubic).sum()
                 + (adaptive_avg_pool_torch(img, (16, 11)) * v_pool).sum())
 
+    def torch_gradient():
+        import torch
+        F = torch.nn.functional
+        xt = _nchw(x).requires_grad_(True)
+        ref_loss = (F.interpolate(xt, size=(23, 51), mode="bicubic", align_corners=False) * _nchw(v_bicubic)).sum() \
+            + (F.adaptive_avg_pool2d(xt, (16, 11)) * _nchw(v_pool)).sum()
+        ref_loss.backward()
+        return _nhwc(xt.grad)
+
     ours = np.asarray(jax.jit(jax.grad(loss))(x))
-    xt = _nchw(x).requires_grad_(True)
-    ref_loss = (F.interpolate(xt, size=(23, 51), mode="bicubic", align_corners=False) * _nchw(v_bicubic)).sum() \
-        + (F.adaptive_avg_pool2d(xt, (16, 11)) * _nchw(v_pool)).sum()
-    ref_loss.backward()
-    np.testing.assert_allclose(ours, _nhwc(xt.grad), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ours, torch_reference(GROUP, "gradient", torch_gradient), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("fn", [resize_bicubic_torch, adaptive_avg_pool_torch])

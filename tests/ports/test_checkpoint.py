@@ -1,138 +1,159 @@
 """The torch-free checkpoint reader against ``torch.load``, in both file formats, and the shared
-conversion helpers."""
+conversion helpers.
+
+The files were written by ``torch.save`` (``experiments/make_parity_fixtures.py``, the objects of
+its ``_reader_cases``); ``EXPECTED`` is what they hold, with numpy arrays for the tensors. Where
+PyTorch is installed, ``torch.load`` of each file must read the same."""
 import collections
+import hashlib
 import importlib.util
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-
-from zmagic_jax.checkpoint_io import read_torch_checkpoint  # noqa: E402
-from zmagic_jax.ports._checkpoint import (  # noqa: E402
+from experiments.make_parity_fixtures import TORCH_SAVE_FORMATS
+from ports.random_weights import random_state_dict
+from tests.parity import CHECKPOINTS
+from tests.references import have_torch, torch_reference
+from zmagic_jax.checkpoint_io import read_torch_checkpoint
+from zmagic_jax.ports._checkpoint import (
     CheckpointMismatchError,
     StateDict,
     batchnorm_affine,
     conv_kernel,
     state_dict_of,
 )
-from zmagic_jax.ports._mtcnn import installed_onet_path  # noqa: E402
+from zmagic_jax.ports._mtcnn import installed_onet_path
 
-FORMATS = {"zip": True, "legacy": False}
+GROUP = "ports_checkpoint"
+
+
+def _expected() -> dict:
+    base = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    t = np.arange(24, dtype=np.float32).reshape(4, 6)
+    inner = collections.OrderedDict([("w", np.ones((2, 2), np.float32)), ("b", np.zeros(2, np.float32))])
+    state_dict = collections.OrderedDict([  # of Sequential(Conv2d(3, 4, 3), BatchNorm2d(4), Linear(2, 5))
+        ("0.weight", (4, 3, 3, 3)), ("0.bias", (4,)), ("1.weight", (4,)), ("1.bias", (4,)),
+        ("1.running_mean", (4,)), ("1.running_var", (4,)), ("1.num_batches_tracked", ()), ("2.weight", (5, 2)),
+        ("2.bias", (5,))])
+    weights = random_state_dict(state_dict, 0)
+    return {
+        "dtypes": {"float32": base, "float16": base.astype(np.float16), "bfloat16": base.astype(ml_dtypes.bfloat16),
+                   "float64": base.astype(np.float64), "int64": np.arange(-5, 7).reshape(3, 4),
+                   "int32": np.arange(6, dtype=np.int32), "int16": np.array([-3, 300], np.int16),
+                   "int8": np.array([-128, 127], np.int8), "uint8": np.array([0, 255], np.uint8), "bool": base > 0,
+                   "scalar": np.array(2.5, np.float32), "empty": np.zeros((0, 3), np.float32), "parameter": base},
+        "views": {"t": t, "tail": t[1:], "transposed": t.T, "column": t[:, 2], "strided": t[::2, 1::3],
+                  "expanded": np.broadcast_to(np.arange(3, dtype=np.float32), (4, 3)),
+                  "permuted": t.reshape(2, 3, 4).transpose(2, 0, 1), "flat_view": t.reshape(-1)[5:17]},
+        "containers": {"state_dict": inner,
+                       "layers": [np.arange(3), (np.eye(2, dtype=np.float32), "name", None), {"deep": [inner, 7]}],
+                       "epoch": 12, "lr": 0.125, "arch": "onet", "best": None, "flag": True, "big": 2 ** 40,
+                       "shape": (3, 4), "text": "é"},
+        "values": {"bytes": b"\x00\x01", "array": np.arange(4, dtype=np.float64), "best": np.float64(0.5),
+                   "step": np.int64(3)},
+        "state_dict": collections.OrderedDict((key, weights[key]) for key in state_dict),
+    }
+
+
+EXPECTED = _expected()
 
 
 def read(path):
     return read_torch_checkpoint(path, architecture="test net", published="nowhere")
 
 
-def save(obj, tmp_path, fmt):
-    path = tmp_path / f"ckpt_{fmt}.pt"
-    torch.save(obj, path, _use_new_zipfile_serialization=FORMATS[fmt])
-    return path
+def torch_load_as_numpy(path):
+    """``torch.load`` of ``path`` with every tensor as a numpy array (bfloat16 as ml_dtypes') and
+    ``torch.Size`` as a tuple, the containers' types kept."""
+    import torch
+
+    def convert(obj):
+        if isinstance(obj, torch.Tensor):
+            obj = obj.detach()
+            return obj.float().numpy().astype(ml_dtypes.bfloat16) if obj.dtype == torch.bfloat16 else obj.numpy()
+        if isinstance(obj, torch.Size):
+            return tuple(obj)
+        if isinstance(obj, dict):
+            return type(obj)((k, convert(v)) for k, v in obj.items())
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(convert(v) for v in obj)
+        return obj
+    return convert(torch.load(path, weights_only=False))
 
 
 def assert_same(ours, ref, where="root"):
-    """``ours`` (the reader's result) equals ``torch.load``'s, tensors as numpy arrays of the same dtype."""
-    if isinstance(ref, torch.Tensor):
+    """``ours`` (the reader's result) equals ``ref``: the same containers, arrays of the same dtype
+    and shape, the same plain values."""
+    if isinstance(ref, np.ndarray):
         assert isinstance(ours, np.ndarray), (where, type(ours))
-        expected = ref.detach().numpy()
-        assert ours.dtype == expected.dtype and ours.shape == expected.shape, (where, ours.dtype, ours.shape)
-        np.testing.assert_array_equal(ours, expected, err_msg=where)
+        assert ours.dtype == ref.dtype and ours.shape == ref.shape, (where, ours.dtype, ours.shape)
+        np.testing.assert_array_equal(ours, ref, err_msg=where)
     elif isinstance(ref, dict):
         assert type(ours) is type(ref), (where, type(ours), type(ref))
         assert list(ours) == list(ref), where
         for k in ref:
             assert_same(ours[k], ref[k], f"{where}[{k!r}]")
     elif isinstance(ref, (list, tuple)):  # torch.Size comes back as a plain tuple
-        assert isinstance(ours, type(ref) if not isinstance(ref, torch.Size) else tuple), (where, type(ours))
+        assert type(ours) is type(ref), (where, type(ours))
         assert len(ours) == len(ref), where
         for i, (a, b) in enumerate(zip(ours, ref)):
             assert_same(a, b, f"{where}[{i}]")
-    elif isinstance(ref, np.ndarray):
-        np.testing.assert_array_equal(ours, ref, err_msg=where)
-        assert ours.dtype == ref.dtype
     else:
         assert type(ours) is type(ref) and ours == ref, (where, ours, ref)
 
 
-def dtype_tensors():
-    gen = torch.Generator().manual_seed(0)
-    base = torch.randn(3, 4, generator=gen)
-    return {
-        "float32": base,
-        "float16": base.half(),
-        "bfloat16": base.bfloat16(),
-        "float64": base.double(),
-        "int64": torch.arange(-5, 7).reshape(3, 4),
-        "int32": torch.arange(6, dtype=torch.int32),
-        "int16": torch.tensor([-3, 300], dtype=torch.int16),
-        "int8": torch.tensor([-128, 127], dtype=torch.int8),
-        "uint8": torch.tensor([0, 255], dtype=torch.uint8),
-        "bool": base > 0,
-        "scalar": torch.tensor(2.5),
-        "empty": torch.zeros(0, 3),
-        "parameter": torch.nn.Parameter(base.clone()),
-    }
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_dtypes_match_torch_load(tmp_path, fmt):
-    obj = dtype_tensors()
-    path = save(obj, tmp_path, fmt)
+def check_file(name, fmt):
+    """The reader's result for ``<name>_<fmt>.pt``, checked against ``EXPECTED`` and, where
+    PyTorch is installed, against ``torch.load``."""
+    path = CHECKPOINTS / f"{name}_{fmt}.pt"
     ours = read(path)
-    ref = torch.load(path, weights_only=False)
-    # bfloat16 has no numpy dtype in torch; compare it through float32.
-    assert ours["bfloat16"].dtype.name == "bfloat16"
-    np.testing.assert_array_equal(ours.pop("bfloat16").astype(np.float32), ref.pop("bfloat16").float().numpy())
-    assert_same(ours, ref)
+    assert_same(ours, EXPECTED[name])
+    if have_torch():
+        assert_same(ours, torch_load_as_numpy(path))
+    return ours
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_views_sharing_a_storage(tmp_path, fmt):
-    t = torch.arange(24, dtype=torch.float32).reshape(4, 6)
-    obj = {"t": t, "tail": t[1:], "transposed": t.T, "column": t[:, 2], "strided": t[::2, 1::3],
-           "expanded": torch.arange(3.0).expand(4, 3), "permuted": t.reshape(2, 3, 4).permute(2, 0, 1),
-           "flat_view": t.view(-1)[5:17]}
-    path = save(obj, tmp_path, fmt)
-    ours = read(path)
-    assert_same(ours, torch.load(path, weights_only=False))
+@pytest.mark.parametrize("fmt", TORCH_SAVE_FORMATS)
+def test_dtypes_match_torch_load(fmt):
+    assert check_file("dtypes", fmt)["bfloat16"].dtype.name == "bfloat16"
+
+
+@pytest.mark.parametrize("fmt", TORCH_SAVE_FORMATS)
+def test_views_sharing_a_storage(fmt):
+    ours = check_file("views", fmt)
     for array in ours.values():  # owned arrays: writing one never changes another
         assert array.flags.writeable and array.flags.owndata
     ours["t"][1, 0] = -1
     assert ours["tail"][0, 0] == 6
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_nested_containers_and_plain_values(tmp_path, fmt):
-    inner = collections.OrderedDict([("w", torch.ones(2, 2)), ("b", torch.zeros(2))])
-    obj = {
-        "state_dict": inner,
-        "layers": [torch.arange(3), (torch.eye(2), "name", None), {"deep": [inner, 7]}],
-        "epoch": 12, "lr": 0.125, "arch": "onet", "best": None, "flag": True, "big": 2 ** 40,
-        "shape": torch.Size([3, 4]), "text": "é",
-    }
-    path = save(obj, tmp_path, fmt)
-    assert_same(read(path), torch.load(path, weights_only=False))
+@pytest.mark.parametrize("fmt", TORCH_SAVE_FORMATS)
+def test_nested_containers_and_plain_values(fmt):
+    check_file("containers", fmt)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_bytes_and_numpy_values(tmp_path, fmt):
+@pytest.mark.parametrize("fmt", TORCH_SAVE_FORMATS)
+def test_bytes_and_numpy_values(fmt):
     """torch.save pickles with protocol 2, which builds bytes (and so numpy arrays and scalars, e.g. a
     stored ``best_acc``) through ``_codecs.encode``."""
-    obj = {"bytes": b"\x00\x01", "array": np.arange(4, dtype=np.float64), "best": np.float64(0.5),
-           "step": np.int64(3)}
-    path = save(obj, tmp_path, fmt)
-    assert_same(read(path), torch.load(path, weights_only=False))
+    check_file("values", fmt)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_module_state_dict(tmp_path, fmt):
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(2, 5))
-    path = save(net.state_dict(), tmp_path, fmt)
-    ours = read(path)
-    assert_same(ours, torch.load(path))
-    assert ours["1.num_batches_tracked"].dtype == np.int64
+@pytest.mark.parametrize("fmt", TORCH_SAVE_FORMATS)
+def test_module_state_dict(fmt):
+    assert check_file("state_dict", fmt)["1.num_batches_tracked"].dtype == np.int64
+
+
+def _digests(state_dict) -> dict:
+    """``{key: SHA-256 of the tensor's dtype, shape and bytes}`` (uint8 arrays): exact equality of a
+    real checkpoint's weights, from a reference of a few KB."""
+    def digest(array):
+        described = f"{array.dtype.str}{array.shape}".encode() + np.ascontiguousarray(array).tobytes()
+        return np.frombuffer(hashlib.sha256(described).digest(), np.uint8)
+    return {key: digest(array) for key, array in state_dict.items()}
 
 
 def test_real_onet_checkpoint():
@@ -143,15 +164,18 @@ def test_real_onet_checkpoint():
     with open(path, "rb") as f:
         assert f.read(2) != b"PK"  # the legacy (non-zip) format
     ours = read(path)
-    assert_same(ours, torch.load(path))
     assert len(ours) == 21 and ours["dense5.weight"].shape == (256, 1152)
+    if have_torch():
+        assert_same(ours, torch_load_as_numpy(path))
+    expected = torch_reference(GROUP, "onet_digests", lambda: _digests(torch_load_as_numpy(path)))
+    assert sorted(ours) == sorted(expected)
+    for key, digest in _digests(ours).items():
+        np.testing.assert_array_equal(digest, expected[key], err_msg=key)
 
 
-def test_refuses_arbitrary_objects(tmp_path):
-    path = tmp_path / "module.pt"
-    torch.save(torch.nn.Linear(2, 2), path)  # a whole pickled module, not a state dict
+def test_refuses_arbitrary_objects():
     with pytest.raises(ValueError, match="test net.*torch.nn.modules.linear.Linear"):
-        read(path)
+        read(CHECKPOINTS / "whole_module.pt")  # a whole pickled module, not a state dict
 
 
 def test_missing_and_foreign_files(tmp_path):
@@ -182,22 +206,26 @@ def test_state_dict_finish_lists_all_mismatches():
 
 
 def test_conv_kernel_and_batchnorm_affine_match_torch():
-    gen = torch.Generator().manual_seed(1)
-    conv = torch.nn.Conv2d(4, 6, 3, groups=2, bias=False)
-    bn = torch.nn.BatchNorm2d(6, eps=1e-3).eval()
-    with torch.no_grad():
-        for p in (*conv.parameters(), bn.weight, bn.bias, bn.running_mean):
-            p.copy_(torch.randn(p.shape, generator=gen))
-        bn.running_var.copy_(torch.rand(6, generator=gen) + 0.5)
-    x = torch.randn(2, 4, 7, 7, generator=gen)
-    with torch.no_grad():
-        ref = bn(conv(x)).permute(0, 2, 3, 1).numpy()
-    tensors = {**conv.state_dict(), **{f"bn.{k}": v for k, v in bn.state_dict().items()}}
-    sd = StateDict({k: v.numpy() for k, v in tensors.items()}, architecture="conv-bn")
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((6, 2, 3, 3)).astype(np.float32)
+    bn = {name: rng.standard_normal(6).astype(np.float32) for name in ("weight", "bias", "running_mean")}
+    bn.update(running_var=rng.uniform(0.5, 1.5, 6).astype(np.float32), num_batches_tracked=np.array(0))
+    x = rng.standard_normal((2, 7, 7, 4)).astype(np.float32)
+
+    def torch_values():
+        import torch
+        conv = torch.nn.Conv2d(4, 6, 3, groups=2, bias=False)
+        conv.load_state_dict({"weight": torch.from_numpy(weight)})
+        norm = torch.nn.BatchNorm2d(6, eps=1e-3).eval()
+        norm.load_state_dict({k: torch.from_numpy(v) for k, v in bn.items()})
+        with torch.no_grad():
+            return norm(conv(torch.from_numpy(x).permute(0, 3, 1, 2))).permute(0, 2, 3, 1).numpy()
+
+    sd = StateDict({"weight": weight, **{f"bn.{k}": v for k, v in bn.items()}}, architecture="conv-bn")
     kernel = conv_kernel(sd.take("weight"))
     affine = batchnorm_affine(sd, "bn", eps=1e-3)
     sd.finish()
-    y = jax.lax.conv_general_dilated(x.permute(0, 2, 3, 1).numpy(), kernel, (1, 1), "VALID",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2)
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     feature_group_count=2)
     ours = np.asarray(y) * affine["scale"] + affine["shift"]
-    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours, torch_reference(GROUP, "conv_bn", torch_values), rtol=1e-5, atol=1e-5)

@@ -1,16 +1,21 @@
-"""The Flax DDPM UNet against a PyTorch reference with the published key names, and its loader."""
+"""The Flax DDPM UNet against a PyTorch reference with the published key names, and its loader.
+
+The weights are numpy draws in the reference's layout (``tests/parity.py``); the PyTorch values are
+computed live where PyTorch is installed and read from ``tests/references/ports_ddpm_unet.safetensors``
+elsewhere (``tests/references.py``); the checkpoints are files ``torch.save`` wrote
+(``experiments/make_parity_fixtures.py``)."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
-torch = pytest.importorskip("torch")
-F = torch.nn.functional
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import traverse_util  # noqa: E402
-
-from ports.torch_ddpm_unet import Model, randomize_  # noqa: E402
-from zmagic_jax.models._ddpm_unet import (  # noqa: E402
+from experiments.make_parity_fixtures import PORT_FILE_CONFIGS, PORT_FILE_SEED
+from tests.parity import CHECKPOINTS, file_state_dict, reference_state_dict, sketch
+from tests.references import torch_reference
+from zmagic_jax.models._ddpm_unet import (
     DDPM_CELEBA_HQ,
     DDPMUNet,
     DDPMUNetConfig,
@@ -19,16 +24,23 @@ from zmagic_jax.models._ddpm_unet import (  # noqa: E402
     ddpm_denoiser,
     timestep_embedding,
 )
-from zmagic_jax.ports._checkpoint import CheckpointMismatchError, save_params  # noqa: E402
-from zmagic_jax.ports._ddpm_unet import convert_ddpm_unet, load_ddpm_unet  # noqa: E402
+from zmagic_jax.ports._checkpoint import CheckpointMismatchError, save_params
+from zmagic_jax.ports._ddpm_unet import convert_ddpm_unet, load_ddpm_unet
 
+GROUP = "ports_ddpm_unet"
 TINY = DDPMUNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16)
 # Two downsamplings, attention at two levels, two blocks per level (three per up level).
 SMALL = DDPMUNetConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16, 8), resolution=32)
+# The config of the committed checkpoints: one level, one block, no attention.
+FILE = PORT_FILE_CONFIGS["ddpm_unet"]
 
 
-def _numpy_state_dict(model):
-    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+def _torch_model(config, state_dict=None):
+    """The PyTorch reference at ``config``, with ``state_dict`` loaded when given."""
+    from ports.random_weights import load_weights_
+    from ports.torch_ddpm_unet import Model
+    model = Model(config)
+    return model if state_dict is None else load_weights_(model, state_dict)
 
 
 def _assert_same_params(a, b):
@@ -43,9 +55,11 @@ def _inputs(config, t):
     return x.astype(np.float32), np.asarray(t)
 
 
-def _torch_eps(model, x_nhwc, t):
+def _torch_eps(config, state_dict, x_nhwc, t):
+    import torch
     with torch.no_grad():
-        out = model(torch.from_numpy(np.asarray(x_nhwc).transpose(0, 3, 1, 2)), torch.as_tensor(t))
+        out = _torch_model(config, state_dict)(torch.from_numpy(np.asarray(x_nhwc).transpose(0, 3, 1, 2)),
+                                               torch.as_tensor(t))
     return out.numpy().transpose(0, 2, 3, 1)
 
 
@@ -55,8 +69,7 @@ def _rel_err(a, b):
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = randomize_(Model(TINY), seed=0)
-    return model, _numpy_state_dict(model)
+    return reference_state_dict(GROUP, "tiny", lambda: _torch_model(TINY), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -66,29 +79,35 @@ def tiny_apply():
 
 
 def test_parity_with_pytorch_tiny(tiny, tiny_apply):
-    model, sd = tiny
     x, t = _inputs(TINY, [0, 990])
-    out = tiny_apply({"params": convert_ddpm_unet(sd, TINY)}, x, t)
+    out = tiny_apply({"params": convert_ddpm_unet(tiny, TINY)}, x, t)
     assert out.shape == x.shape
-    assert _rel_err(out, _torch_eps(model, x, t)) < 1e-4
+    assert _rel_err(out, torch_reference(GROUP, "tiny/0,990", lambda: _torch_eps(TINY, tiny, x, t))) < 1e-4
 
 
 def test_parity_with_pytorch_two_attention_levels():
-    model = randomize_(Model(SMALL), seed=1)
+    state_dict = reference_state_dict(GROUP, "small", lambda: _torch_model(SMALL), seed=1)
     x, t = _inputs(SMALL, [990, 0])
-    params = convert_ddpm_unet(_numpy_state_dict(model), SMALL)
+    params = convert_ddpm_unet(state_dict, SMALL)
     out = jax.jit(DDPMUNet(SMALL).apply)({"params": params}, x, t)
-    assert _rel_err(out, _torch_eps(model, x, t)) < 1e-4
+    assert out.shape == x.shape
+    ref = torch_reference(GROUP, "small", lambda: sketch(_torch_eps(SMALL, state_dict, x, t)))
+    assert _rel_err(sketch(out), ref) < 1e-4
 
 
 def test_resampling_without_conv_matches_pytorch():
     x = np.random.default_rng(1).standard_normal((1, 8, 8, 4)).astype(np.float32)
-    x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2))
-    down = _Downsample(with_conv=False).apply({}, x)
-    up = _Upsample(with_conv=False).apply({}, x)
-    np.testing.assert_allclose(down, F.avg_pool2d(x_torch, 2, 2).numpy().transpose(0, 2, 3, 1), rtol=1e-6)
-    np.testing.assert_array_equal(up, F.interpolate(x_torch, scale_factor=2.0, mode="nearest")
-                                  .numpy().transpose(0, 2, 3, 1))
+
+    def torch_values():
+        import torch
+        x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2))
+        return dict(down=torch.nn.functional.avg_pool2d(x_torch, 2, 2).numpy().transpose(0, 2, 3, 1),
+                    up=torch.nn.functional.interpolate(x_torch, scale_factor=2.0, mode="nearest")
+                    .numpy().transpose(0, 2, 3, 1))
+
+    ref = torch_reference(GROUP, "resampling", torch_values)
+    np.testing.assert_allclose(_Downsample(with_conv=False).apply({}, x), ref["down"], rtol=1e-6)
+    np.testing.assert_array_equal(_Upsample(with_conv=False).apply({}, x), ref["up"])
 
 
 def test_timestep_embedding_matches_ddpm_formula():
@@ -100,8 +119,7 @@ def test_timestep_embedding_matches_ddpm_formula():
 
 
 def test_denoiser_matches_batched_call(tiny, tiny_apply):
-    model, sd = tiny
-    denoiser = ddpm_denoiser(DDPMUNet(TINY), convert_ddpm_unet(sd, TINY))
+    denoiser = ddpm_denoiser(DDPMUNet(TINY), convert_ddpm_unet(tiny, TINY))
     x, t = _inputs(TINY, [990, 0])
     batched = np.asarray(tiny_apply({"params": denoiser.params}, x, t))
     # One sample and a scalar t per call, the denoiser contract: the scalar is broadcast to the batch of one;
@@ -109,75 +127,52 @@ def test_denoiser_matches_batched_call(tiny, tiny_apply):
     per_sample = jax.jit(jax.vmap(denoiser.apply, in_axes=(None, 0, 0)))(denoiser.params, x, t)
     assert per_sample.shape == x.shape
     assert _rel_err(per_sample, batched) < 1e-5
-    assert _rel_err(per_sample, _torch_eps(model, x, t)) < 1e-4
+    assert _rel_err(per_sample, torch_reference(GROUP, "tiny/990,0", lambda: _torch_eps(TINY, tiny, x, t))) < 1e-4
 
 
-def test_checkpoint_variants_load_the_same_params(tiny, tmp_path):
-    model, sd = tiny
-    plain, prefixed, training = tmp_path / "celeba_hq.ckpt", tmp_path / "dp.pth", tmp_path / "ckpt.pth"
-    torch.save(model.state_dict(), plain)
-    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, prefixed)
-    # ermongroup/ddim's training list: the model is DataParallel-wrapped, the EMA shadow is not.
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.0)
-    model(torch.zeros(1, 3, 16, 16), torch.tensor([5])).sum().backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    torch.save([{f"module.{k}": v for k, v in model.state_dict().items()}, optimizer.state_dict(), 3, 1000,
-                {k: p.detach().clone() for k, p in model.named_parameters()}], training)
-    expected = convert_ddpm_unet(sd, TINY)
-    for path in (plain, prefixed, training):
-        module, params = load_ddpm_unet(path, TINY)
-        assert module.config == TINY
+def test_checkpoint_variants_load_the_same_params():
+    """SDEdit's plain state dict and ermongroup/ddim's training list (its model entry, saved from
+    ``DataParallel``: ``module.``-prefixed keys), with and without its EMA entry."""
+    expected = convert_ddpm_unet(file_state_dict(GROUP, "ddpm_unet"), FILE)
+    for name, ema in (("ddpm_unet.ckpt", True), ("ddpm_unet_training.pth", False),
+                      ("ddpm_unet_training_no_ema.pth", True)):
+        module, params = load_ddpm_unet(CHECKPOINTS / name, FILE, ema=ema)
+        assert module.config == FILE
         _assert_same_params(params, expected)
 
 
-def _training_list(sd, ema_sd):
-    return [{f"module.{k}": torch.from_numpy(v) for k, v in sd.items()},
-            {"state": {}, "param_groups": [{"lr": 2e-4, "params": []}]}, 7, 500000,
-            {k: torch.from_numpy(v) for k, v in ema_sd.items()}]
+def test_training_list_picks_ema_or_model_weights():
+    path = CHECKPOINTS / "ddpm_unet_training.pth"
+    ema = convert_ddpm_unet(file_state_dict(GROUP, "ddpm_unet", seed=PORT_FILE_SEED + 1), FILE)
+    _assert_same_params(load_ddpm_unet(path, FILE)[1], ema)
+    # Trained without EMA, the list stops at the step count: the model weights are the only ones.
+    _assert_same_params(load_ddpm_unet(CHECKPOINTS / "ddpm_unet_training_no_ema.pth", FILE)[1],
+                        load_ddpm_unet(path, FILE, ema=False)[1])
 
 
-def test_training_list_picks_ema_or_model_weights(tiny, tmp_path):
-    _, sd = tiny
-    ema_sd = {k: v + 1.0 for k, v in sd.items()}
-    path = tmp_path / "ckpt.pth"
-    torch.save(_training_list(sd, ema_sd), path)
-    _assert_same_params(load_ddpm_unet(path, TINY)[1], convert_ddpm_unet(ema_sd, TINY))
-    _assert_same_params(load_ddpm_unet(path, TINY, ema=False)[1], convert_ddpm_unet(sd, TINY))
-    # Trained without EMA: the list stops at the step count, so the model weights are the only ones.
-    torch.save(_training_list(sd, ema_sd)[:4], path)
-    _assert_same_params(load_ddpm_unet(path, TINY)[1], convert_ddpm_unet(sd, TINY))
+def test_list_without_state_dict_is_an_error():
+    with pytest.raises(ValueError, match=r"ddpm_unet_list_without_weights\.pth.*found a list of 3 items"):
+        load_ddpm_unet(CHECKPOINTS / "ddpm_unet_list_without_weights.pth", FILE)
 
 
-def test_list_without_state_dict_is_an_error(tmp_path):
-    path = tmp_path / "odd.pth"
-    torch.save([{"lr": 1.0}, 3, 4], path)
-    with pytest.raises(ValueError, match=r"odd\.pth.*found a list of 3 items"):
-        load_ddpm_unet(path, TINY)
-
-
-def test_wrong_depth_names_missing_and_leftover_keys(tmp_path):
-    deeper = DDPMUNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(8,), resolution=16)
-    path = tmp_path / "deeper.ckpt"
-    torch.save(Model(deeper).state_dict(), path)
-    with pytest.raises(CheckpointMismatchError, match=r"deeper\.ckpt") as info:
-        load_ddpm_unet(path, TINY)
+def test_wrong_depth_names_missing_and_leftover_keys():
+    deeper = dataclasses.replace(FILE, num_res_blocks=2, attn_resolutions=(FILE.resolution,))
+    with pytest.raises(CheckpointMismatchError, match=r"ddpm_unet\.ckpt") as info:
+        load_ddpm_unet(CHECKPOINTS / "ddpm_unet.ckpt", deeper)
     message = str(info.value)
-    # Left over: TINY has one block (and attention) per down level, two per up level.
+    # Missing: the file has one block and no attention per down level, the config two of each.
     assert "down.0.block.1.conv1.weight" in message
-    assert "down.1.attn.1.q.weight" in message
+    assert "down.0.attn.1.q.weight" in message
     with pytest.raises(CheckpointMismatchError,
-                       match=r"missing from the checkpoint.*down\.0\.block\.1\.norm1"):
-        convert_ddpm_unet(_numpy_state_dict(Model(TINY)), deeper)
+                       match=r"not used by the architecture.*down\.0\.block\.1\.norm1"):
+        convert_ddpm_unet(reference_state_dict(GROUP, "deeper", lambda: _torch_model(deeper), seed=0), FILE)
 
 
-def test_wrong_width_is_an_error_naming_shapes(tmp_path):
-    wider = DDPMUNetConfig(ch=64, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16)
-    path = tmp_path / "wider.pth"
-    torch.save(Model(wider).state_dict(), path)
+def test_wrong_width_is_an_error_naming_shapes():
+    wider = dataclasses.replace(FILE, ch=2 * FILE.ch)
     with pytest.raises(CheckpointMismatchError,
-                       match=r"wider\.pth.*conv_in/kernel: shape \(3, 3, 3, 64\), expected \(3, 3, 3, 32\)"):
-        load_ddpm_unet(path, TINY)
+                       match=r"ddpm_unet\.ckpt.*conv_in/kernel: shape \(3, 3, 3, 4\), expected \(3, 3, 3, 8\)"):
+        load_ddpm_unet(CHECKPOINTS / "ddpm_unet.ckpt", wider)
 
 
 def test_missing_file_names_file_architecture_and_source(tmp_path):
@@ -187,7 +182,7 @@ def test_missing_file_names_file_architecture_and_source(tmp_path):
 
 
 def test_safetensors_round_trip(tiny, tmp_path):
-    params = convert_ddpm_unet(tiny[1], TINY)
+    params = convert_ddpm_unet(tiny, TINY)
     save_params(tmp_path / "unet.safetensors", params)
     _assert_same_params(load_ddpm_unet(tmp_path / "unet.safetensors", TINY)[1], params)
     with pytest.raises(CheckpointMismatchError,
@@ -217,7 +212,7 @@ def test_rejected_configs(kwargs, match):
 
 
 def test_rejected_inputs(tiny):
-    variables = {"params": convert_ddpm_unet(tiny[1], TINY)}
+    variables = {"params": convert_ddpm_unet(tiny, TINY)}
     with pytest.raises(ValueError, match=r"expected x of shape \(B, 16, 16, 3\)"):
         jax.eval_shape(DDPMUNet(TINY).apply, variables, jnp.zeros((1, 3, 16, 16)), 0)
     with pytest.raises(ValueError, match="t must be a scalar or have shape"):

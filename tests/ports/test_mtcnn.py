@@ -1,5 +1,10 @@
 """MTCNN ONet port: parity with PyTorch on facenet-pytorch's real weights and on random weights,
-the area-resampling crop against ``F.interpolate(mode='area')``, and the converter's errors."""
+the area-resampling crop against ``F.interpolate(mode='area')``, and the converter's errors.
+
+The random weights are numpy draws in the reference's layout (``tests/parity.py``); the PyTorch
+values are computed live where PyTorch is installed and read from
+``tests/references/ports_mtcnn.safetensors`` elsewhere (``tests/references.py``); the small
+checkpoint is a file ``torch.save`` wrote (``experiments/make_parity_fixtures.py``)."""
 import importlib.util
 
 import jax
@@ -7,15 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from experiments.make_parity_fixtures import PORT_FILE_CONFIGS
+from tests.parity import CHECKPOINTS, file_state_dict, reference_state_dict, sketch
+from tests.references import torch_reference
+from zmagic_jax.models._mtcnn import ONet, ONetConfig, onet_landmarks, onet_preprocess
+from zmagic_jax.ports._checkpoint import CheckpointMismatchError, save_params
+from zmagic_jax.ports._mtcnn import convert_onet, installed_onet_path, load_onet
 
-from ports.torch_mtcnn import TorchONet, from_config, randomize_  # noqa: E402
-from zmagic_jax.models._mtcnn import ONet, ONetConfig, onet_landmarks, onet_preprocess  # noqa: E402
-from zmagic_jax.ports._checkpoint import CheckpointMismatchError, save_params  # noqa: E402
-from zmagic_jax.ports._mtcnn import convert_onet, installed_onet_path, load_onet  # noqa: E402
-
-F = torch.nn.functional
+GROUP = "ports_mtcnn"
 HEADS = ("prob", "box", "landmarks")
+# The published ONet, and the small one of the committed checkpoint.
+CONFIGS = {"published": ONetConfig(), "small": PORT_FILE_CONFIGS["onet"]}
 
 
 def rel_err(a, b):
@@ -24,10 +31,11 @@ def rel_err(a, b):
 
 
 def smooth_images(seed, batch, size):
-    """Smooth random RGB images in [-1, 1]: bilinear upsampling of 6x6 noise."""
-    gen = torch.Generator().manual_seed(seed)
-    low = torch.rand(batch, 3, 6, 6, generator=gen) * 2 - 1
-    return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False).permute(0, 2, 3, 1).numpy()
+    """Smooth random RGB images in [-1, 1]: bilinear upsampling (half-pixel centres) of 6x6 noise."""
+    low = np.random.default_rng(seed).uniform(-1, 1, (batch, 6, 6, 3))
+    position = np.clip((np.arange(size) + 0.5) * 6 / size - 0.5, 0, 5)
+    weights = np.maximum(0.0, 1.0 - np.abs(position[:, None] - np.arange(6)))  # linear interpolation
+    return np.einsum("ih,bhwc,jw->bijc", weights, low, weights).astype(np.float32)
 
 
 def synthetic_face(size=96):
@@ -45,15 +53,39 @@ def synthetic_face(size=96):
 
 def torch_preprocess(x0, box):
     """facenet-pytorch's third-stage input: crop, interpolate(mode='area') to 48, (p - 127.5) / 128."""
+    import torch
     top, left, height, width = box
     pixels = (torch.as_tensor(x0).permute(0, 3, 1, 2) + 1) * 127.5
     crop = pixels[:, :, top:top + height, left:left + width]
-    return (F.interpolate(crop, size=(48, 48), mode="area") - 127.5) * 0.0078125
+    return (torch.nn.functional.interpolate(crop, size=(48, 48), mode="area") - 127.5) * 0.0078125
+
+
+def _torch_onet(state_dict=None, config=ONetConfig()):
+    """The PyTorch reference at ``config``, with ``state_dict`` loaded when given."""
+    from ports.random_weights import load_weights_
+    from ports.torch_mtcnn import from_config
+    model = from_config(config)
+    return model if state_dict is None else load_weights_(model, state_dict)
+
+
+def _real_torch_onet(path):
+    import torch
+    model = _torch_onet()
+    model.load_state_dict(torch.load(path))
+    return model.eval()
 
 
 def torch_outputs(net, x_nchw):
+    import torch
     with torch.no_grad():
         return {k: v.numpy() for k, v in net(x_nchw).items()}
+
+
+def random_weights(name):
+    """Random ONet weights at ``CONFIGS[name]`` (the small ones are the committed checkpoint's)."""
+    if name == "small":
+        return file_state_dict(GROUP, "onet")
+    return reference_state_dict(GROUP, name, _torch_onet, seed=48)
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +99,7 @@ def onet_pt():
 @pytest.fixture(scope="module")
 def real(onet_pt):
     module, params = load_onet()
-    variables = {"params": params}
-    net = TorchONet().eval()
-    net.load_state_dict(torch.load(onet_pt))
-    return jax.jit(module.apply), variables, net
+    return jax.jit(module.apply), {"params": params}, onet_pt
 
 
 @pytest.fixture(scope="module")
@@ -87,19 +116,25 @@ def real_inputs():
 
 
 def test_real_weights_parity(real, real_inputs):
-    apply, variables, net = real
-    for x0, box in real_inputs:
-        x_torch = torch_preprocess(x0, box)
+    apply, variables, onet_pt = real
+    for i, (x0, box) in enumerate(real_inputs):
+        def torch_values():
+            x_torch = torch_preprocess(x0, box)
+            return {"input": sketch(x_torch.permute(0, 2, 3, 1).numpy()),
+                    **torch_outputs(_real_torch_onet(onet_pt), x_torch)}
+
+        ref = torch_reference(GROUP, f"real/{i}", torch_values)
         x_jax = onet_preprocess(jnp.asarray(x0), box)
-        np.testing.assert_allclose(np.asarray(x_jax), x_torch.permute(0, 2, 3, 1).numpy(), atol=2e-6)
-        ours, ref = apply(variables, x_jax), torch_outputs(net, x_torch)
+        assert x_jax.shape == (2, 48, 48, 3)
+        np.testing.assert_allclose(sketch(x_jax), ref["input"], atol=2e-6)
+        ours = apply(variables, x_jax)
         for head in HEADS:
             assert rel_err(ours[head], ref[head]) < 1e-4, (head, box, rel_err(ours[head], ref[head]))
 
 
 def test_real_weights_gradient_matches_torch(real):
     """d(landmarks + face logit terms)/dx0 through crop, area resampling and ONet, against autograd."""
-    apply, variables, net = real
+    apply, variables, onet_pt = real
     x0, box = smooth_images(3, 2, 60), (4, 2, 53, 55)
     probe = np.random.default_rng(0).normal(size=(2, 10)).astype(np.float32)
 
@@ -107,11 +142,15 @@ def test_real_weights_gradient_matches_torch(real):
         out = apply(variables, onet_preprocess(x, box))
         return jnp.sum(out["landmarks"] * probe) + jnp.sum(jnp.log(out["prob"][:, 1]))
 
+    def torch_gradient():
+        import torch
+        x_t = torch.from_numpy(x0).requires_grad_(True)
+        out = _real_torch_onet(onet_pt)(torch_preprocess(x_t, box))
+        (out["landmarks"] * torch.from_numpy(probe)).sum().add(out["prob"][:, 1].log().sum()).backward()
+        return sketch(x_t.grad.numpy())
+
     grad = jax.jit(jax.grad(energy))(jnp.asarray(x0))
-    x_t = torch.from_numpy(x0).requires_grad_(True)
-    out = net(torch_preprocess(x_t, box))
-    (out["landmarks"] * torch.from_numpy(probe)).sum().add(out["prob"][:, 1].log().sum()).backward()
-    assert rel_err(grad, x_t.grad.numpy()) < 1e-4
+    assert rel_err(sketch(grad), torch_reference(GROUP, "real/gradient", torch_gradient)) < 1e-4
     assert np.all(np.asarray(grad)[:, :box[0]] == 0)  # pixels outside the box get no gradient
 
 
@@ -141,7 +180,10 @@ def test_landmarks_map_into_the_box():
 def test_preprocess_matches_area_interpolation(hw, box):
     x0 = np.random.default_rng(hw[0]).uniform(-1, 1, size=(2, *hw, 3)).astype(np.float32)
     ours = onet_preprocess(jnp.asarray(x0), box)
-    np.testing.assert_allclose(np.asarray(ours), torch_preprocess(x0, box).permute(0, 2, 3, 1).numpy(), atol=2e-6)
+    assert ours.shape == (2, 48, 48, 3)
+    ref = torch_reference(GROUP, f"preprocess/{hw}/{box}",
+                          lambda: sketch(torch_preprocess(x0, box).permute(0, 2, 3, 1).numpy()))
+    np.testing.assert_allclose(sketch(ours), ref, atol=2e-6)
 
 
 def test_preprocess_rejects_box_outside_image():
@@ -149,16 +191,20 @@ def test_preprocess_rejects_box_outside_image():
         onet_preprocess(jnp.zeros((1, 40, 40, 3)), (10, 10, 31, 20))
 
 
-@pytest.mark.parametrize("config", [ONetConfig(), ONetConfig(widths=(4, 8, 8, 16), hidden=16, input_size=26)])
-def test_random_weights_roundtrip_parity(tmp_path, config):
-    """Random torch weights -> torch.save -> load_onet, and -> save_params -> .safetensors -> load_onet."""
-    net = randomize_(from_config(config), seed=config.input_size).eval()
-    torch.save(net.state_dict(), tmp_path / "onet.pth")
-    module, params = load_onet(tmp_path / "onet.pth", config)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_random_weights_parity(tmp_path, name):
+    """Random weights, converted and through save_params -> .safetensors -> load_onet, against PyTorch."""
+    config, state_dict = CONFIGS[name], random_weights(name)
+    params = convert_onet(state_dict, config)
     save_params(tmp_path / "onet.safetensors", params)
-    _, reloaded = load_onet(tmp_path / "onet.safetensors", config)
+    module, reloaded = load_onet(tmp_path / "onet.safetensors", config)
     x = smooth_images(5, 3, config.input_size)
-    ref = torch_outputs(net, torch.from_numpy(x).permute(0, 3, 1, 2))
+
+    def torch_values():
+        import torch
+        return torch_outputs(_torch_onet(state_dict, config), torch.from_numpy(x).permute(0, 3, 1, 2))
+
+    ref = torch_reference(GROUP, f"random/{name}", torch_values)
     apply = jax.jit(module.apply)
     for p in (params, reloaded):
         ours = apply({"params": p}, jnp.asarray(x))
@@ -166,8 +212,17 @@ def test_random_weights_roundtrip_parity(tmp_path, config):
             assert rel_err(ours[head], ref[head]) < 1e-4, (head, rel_err(ours[head], ref[head]))
 
 
+def test_checkpoint_loads_as_its_conversion():
+    """A ``torch.save`` of ONet's state dict (the small one; facenet-pytorch's onet.pt, read by the
+    tests above, is the published one) loads as the conversion of its weights."""
+    config = CONFIGS["small"]
+    module, params = load_onet(CHECKPOINTS / "onet.pt", config)
+    assert module.config == config
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, convert_onet(random_weights("small"), config))
+
+
 def test_converter_lists_missing_and_unexpected_keys():
-    sd = {k: v.numpy() for k, v in TorchONet().state_dict().items()}
+    sd = random_weights("published")
     del sd["dense6_3.weight"], sd["prelu2.weight"]
     sd["conv5.weight"] = np.zeros((1, 1, 1, 1), np.float32)
     with pytest.raises(CheckpointMismatchError) as info:
@@ -178,7 +233,7 @@ def test_converter_lists_missing_and_unexpected_keys():
 
 
 def test_converter_rejects_other_widths():
-    sd = {k: v.numpy() for k, v in TorchONet(widths=(8, 64, 64, 128)).state_dict().items()}
+    sd = reference_state_dict(GROUP, "wide", lambda: _torch_onet(config=ONetConfig(widths=(8, 64, 64, 128))), seed=0)
     with pytest.raises(CheckpointMismatchError, match="conv1/kernel"):
         convert_onet(sd)
 

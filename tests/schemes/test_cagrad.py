@@ -122,7 +122,7 @@ def primal_value(grads, d):
 
 @pytest.mark.parametrize("k", range(2, 13))
 def test_matches_slsqp_on_random_sets(k):
-    with jax.experimental.enable_x64():
+    with jax.enable_x64():
         for seed, (d, shared) in enumerate([(3, 0.0), (8, 0.0), (D_PAD, 0.0), (7, 1.0)]):
             rng = np.random.default_rng(1000 * k + seed)
             w, w_ref = compare_with_slsqp(random_task_grads(rng, k, d, shared))
@@ -132,7 +132,7 @@ def test_matches_slsqp_on_random_sets(k):
 
 @pytest.mark.parametrize("c", [0.1, 0.9, 2.0])
 def test_matches_slsqp_for_other_radii(c):
-    with jax.experimental.enable_x64():
+    with jax.enable_x64():
         for k, d in [(2, 5), (4, 3), (7, 20)]:
             compare_with_slsqp(random_task_grads(np.random.default_rng(k), k, d), c)
 
@@ -141,14 +141,14 @@ def test_matches_slsqp_for_other_radii(c):
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
 def test_all_zero_gradients_give_zero(k):
-    with jax.experimental.enable_x64():
+    with jax.enable_x64():
         d, w = solve(np.zeros((k, D_PAD)))
         np.testing.assert_array_equal(d, 0.0)
         assert np.all(np.isfinite(w)) and abs(w.sum() - 1) < 1e-12
 
 
 def test_a_zero_gradient_among_others():
-    with jax.experimental.enable_x64():
+    with jax.enable_x64():
         rng = np.random.default_rng(0)
         a = rng.normal(size=6)
         grads = np.stack([a, a + 0.3 * rng.normal(size=6), np.zeros(6)])
@@ -160,7 +160,7 @@ def test_a_zero_gradient_among_others():
 
 @pytest.mark.parametrize("lengths", [(1.0, 3.0), (2.0, 0.5, 5.0, 1.0)])
 def test_colinear_same_direction(lengths):
-    with jax.experimental.enable_x64():
+    with jax.enable_x64():
         v = np.random.default_rng(1).normal(size=D_PAD)
         grads = np.asarray(lengths)[:, None] * v
         # g_w = l_w v, so F = l_w mean(l) |v|^2 (1 + c): all weight on the shortest, and
@@ -171,7 +171,7 @@ def test_colinear_same_direction(lengths):
 
 
 def test_exactly_opposing_pairs():
-    with jax.experimental.enable_x64():
+    with jax.enable_x64():
         rng = np.random.default_rng(2)
         a, b, e = rng.normal(size=(3, D_PAD))
         for grads in (np.stack([a, -a]), np.stack([a, -a, b, -b])):
@@ -185,14 +185,14 @@ def test_exactly_opposing_pairs():
 
 @pytest.mark.parametrize("k", [2, 5])
 def test_one_gradient_much_larger(k):
-    with jax.experimental.enable_x64():
+    with jax.enable_x64():
         grads = random_task_grads(np.random.default_rng(3), k, 10)
         grads[0] *= 1e3
         compare_with_slsqp(grads)
 
 
 def test_duplicated_rows():
-    with jax.experimental.enable_x64():
+    with jax.enable_x64():
         grads = random_task_grads(np.random.default_rng(4), 4, 9)
         compare_with_slsqp(np.concatenate([grads[:1], grads]))
         # Duplicating every task changes neither g0 nor the hull of the gradients.
@@ -202,7 +202,7 @@ def test_duplicated_rows():
 # --------------------------------------------------------------------------------- properties
 
 def test_single_task():
-    with jax.experimental.enable_x64():
+    with jax.enable_x64():
         g = np.random.default_rng(5).normal(size=(1, D_PAD))
         # K = 1: g0 = g_w = g, so d* = (1 + c) g before rescaling.
         expected = {"1+c^2": (1 + C) / (1 + C**2), "1+c": 1.0, "none": 1 + C}
@@ -214,21 +214,21 @@ def test_single_task():
 
 @pytest.mark.parametrize("k", [2, 5])
 def test_zero_radius_gives_the_mean(k):
-    with jax.experimental.enable_x64():
+    with jax.enable_x64():
         grads = random_task_grads(np.random.default_rng(6), k, D_PAD)
         np.testing.assert_allclose(solve(grads, 0.0)[0], grads.mean(0), rtol=1e-12)
 
 
 @pytest.mark.parametrize("k", [2, 5])
 def test_odd_in_the_gradients(k):
-    with jax.experimental.enable_x64():
+    with jax.enable_x64():
         grads = random_task_grads(np.random.default_rng(7), k, D_PAD)
         np.testing.assert_allclose(solve(-grads)[0], -solve(grads)[0], rtol=1e-12)
 
 
 def test_rescale_options():
     # The rescale is independent of the solver, so K = 2 (cheap to compile) covers it.
-    with jax.experimental.enable_x64():
+    with jax.enable_x64():
         grads = jnp.asarray(random_task_grads(np.random.default_rng(8), 2, D_PAD))
         for c in (0.7, 0.0):
             d = _cagrad(grads, c, rescale="none")
@@ -242,7 +242,7 @@ def test_rescale_options():
 def test_conflict_averse_and_dual_optimal(k):
     """Against the mean, d never lowers the worst task's progress min_i g_i . d (d* maximises it
     over a ball containing g0), and that progress equals the dual optimum F(w*)."""
-    with jax.experimental.enable_x64():
+    with jax.enable_x64():
         for seed in range(3):
             for c in (0.2, 0.5, 0.9):
                 rng = np.random.default_rng(100 * k + seed)
@@ -256,7 +256,7 @@ def test_conflict_averse_and_dual_optimal(k):
 
 
 def test_vmap_matches_per_set():
-    with jax.experimental.enable_x64():
+    with jax.enable_x64():
         rng = np.random.default_rng(9)
         batch = np.stack([random_task_grads(rng, 5, D_PAD) for _ in range(6)])
         batched = jax.jit(jax.vmap(lambda g: cagrad(g, C, rescale="none")))(jnp.asarray(batch))
@@ -265,7 +265,7 @@ def test_vmap_matches_per_set():
 
 
 def test_trailing_shape_and_scale():
-    with jax.experimental.enable_x64():
+    with jax.enable_x64():
         grads = random_task_grads(np.random.default_rng(10), 5, D_PAD)
         d = solve(grads)[0]
         shaped = _cagrad(jnp.asarray(grads).reshape(5, 2, 5, 5), C, rescale="none")

@@ -35,7 +35,7 @@ def _reference(den, c1, c2, x, ctx, noise):
 
 @pytest.fixture(scope="module")
 def point():
-    with jax.experimental.enable_x64():
+    with jax.enable_x64():
         den, conds, x, ctx, noise = _setup(SAMPLER)
         d1, term2, gh_norm, score, hessian = map(np.asarray, _reference(den, *conds, x, ctx, noise))
         return (den, conds, x, ctx, noise, d1, term2, max(np.linalg.norm(d1), float(gh_norm)),

@@ -19,7 +19,6 @@ from zmagic_jax.tasks import (TEXT_STYLE_SCHEMES, TextStyleSettings, load_text_s
 from zmagic_jax.tasks import _text_style
 from zmagic_jax.tasks._recipe import Programs, contribution_norms
 
-pytest.importorskip("torch")
 
 # Compiling the UNet / VAE / CLIP gradients with XLA's optimising passes costs minutes on CPU.
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -39,7 +38,7 @@ def style_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def setup(tiny_sd_dirs, tiny_clip_dirs, style_path):
-    models = load_text_style_models(tiny_sd_dirs["flax"], tiny_clip_dirs["flax"])
+    models = load_text_style_models(tiny_sd_dirs["path"], tiny_clip_dirs["path"])
     settings = TextStyleSettings(prompt="lower newer", clip_prompt="a cat", style_image=str(style_path),
                                  num_steps=STEPS, time_travel_repeats=TRAVEL)
     return models, settings, Programs()
@@ -175,7 +174,7 @@ def test_run_gives_reference_and_metrics(setup, runs):
 def test_cli_writes_images_grid_and_metrics(setup, fast_cli, style_path, tiny_sd_dirs, tiny_clip_dirs,
                                             tmp_path, capsys):
     out = tmp_path / "out"
-    code = cli.main(["text-style", "--sd", str(tiny_sd_dirs["flax"]), "--clip", str(tiny_clip_dirs["flax"]),
+    code = cli.main(["text-style", "--sd", str(tiny_sd_dirs["path"]), "--clip", str(tiny_clip_dirs["path"]),
                      "--prompt", "lower newer", "--clip-prompt", "a cat", "--style", str(style_path),
                      "--steps", str(STEPS), "--time-travel", str(TRAVEL), "--out", str(out)])
     assert code == 0
@@ -208,7 +207,7 @@ def test_bad_arguments_name_the_flag_and_write_nothing(change, flag, style_path,
     (tmp_path / "garbage.png").write_bytes(b"not an image")
     paths = {"missing": str(tmp_path / "nowhere"), "empty": str(tmp_path / "empty"),
              "garbage": str(tmp_path / "garbage.png")}
-    args = dict(sd=str(tiny_sd_dirs["flax"]), clip=str(tiny_clip_dirs["flax"]), style=str(style_path),
+    args = dict(sd=str(tiny_sd_dirs["path"]), clip=str(tiny_clip_dirs["path"]), style=str(style_path),
                 window=["699", "299"], steps=str(STEPS))
     args.update({k: paths.get(v, v) if isinstance(v, str) else v for k, v in change.items()})
     out = tmp_path / "out"
@@ -227,7 +226,7 @@ def test_table2_script_tiny(setup, fast_cli, tiny_sd_dirs, tiny_clip_dirs, tmp_p
     from experiments import table2_text_style as table2
 
     def tiny(folder, count):  # the session's tiny models instead of building them again
-        return (tiny_sd_dirs["flax"], tiny_clip_dirs["flax"], [("lower newer", "a cat")],
+        return (tiny_sd_dirs["path"], tiny_clip_dirs["path"], [("lower newer", "a cat")],
                 table2.synthetic_styles(Path(folder) / "styles", count))
     monkeypatch.setattr(table2, "build_tiny", tiny)
     monkeypatch.setattr(table2, "sample_text_style", _text_style.sample_text_style)

@@ -21,9 +21,7 @@ Weights are read from a local folder only; this module never downloads anything.
 """
 from __future__ import annotations
 
-import functools
 import os
-from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import jax
@@ -33,105 +31,50 @@ import numpy as np
 from zmagic_jax.contracts import Energy, Keyed, static_partial
 from zmagic_jax.energies._image import CLIP_MEAN, CLIP_STD, gram_matrix, normalize_signed, resize_bicubic, safe_norm
 
-_FLAX_WEIGHTS = "flax_model.msgpack"
-_PT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-_TOKENIZER_FILES = ("vocab.json", "merges.txt")
 _WHERE_TO_GET = ("Such weights (e.g. openai/clip-vit-base-patch16, openai/clip-vit-large-patch14) are "
                  "published on the Hugging Face Hub and must be downloaded by you; this library never "
                  "downloads.")
+_HELP = ("Expected a local transformers CLIP folder with config.json, vocab.json and merges.txt "
+         "(tokenizer) and weights as model.safetensors or pytorch_model.bin (read without PyTorch). "
+         + _WHERE_TO_GET)
 
 
 class Clip(NamedTuple):
-    """A loaded CLIP: the transformers ``FlaxCLIPModel`` (used only for its ``module``), its
-    parameters, the ``CLIPTokenizer`` and the vision input resolution."""
+    """A loaded CLIP: the library's :class:`~zmagic_jax.models._clip.CLIPModel` module (both
+    towers and their projections), its parameters, the tokenizer and the vision input resolution."""
     model: Any
     params: Any
     tokenizer: Any
     image_size: int
 
 
-def _missing(path, what):
-    return FileNotFoundError(
-        f"load_clip: {what} in {path!r}. Expected a local CLIP folder with config.json, "
-        f"{' and '.join(_TOKENIZER_FILES)} (tokenizer) and weights as {_FLAX_WEIGHTS} (Flax) or "
-        f"{' / '.join(_PT_WEIGHTS)} (PyTorch, converted on load). {_WHERE_TO_GET}")
-
-
 def load_clip(path, dtype=jnp.float32) -> Clip:
-    """Load a CLIP model, parameters and tokenizer from the local folder ``path``.
+    """Load a CLIP model, parameters and tokenizer from the local transformers folder ``path``.
 
-    Flax weights (``flax_model.msgpack``) are preferred; otherwise PyTorch weights
-    (``model.safetensors``, or ``pytorch_model.bin`` which needs torch) are converted on load.
-    ``dtype`` is the computation dtype; floating parameters are cast to it as well.
+    PyTorch weights (``model.safetensors``, or ``pytorch_model.bin``, both read without PyTorch;
+    ``.fp16`` variants and shards too) are mapped to the library's own Flax CLIP. ``dtype`` is the
+    compute dtype; parameters stay float32. A missing file is a FileNotFoundError naming it, a
+    config option the module does not implement a ValueError naming the key, and tensors that do
+    not fit the config a ``CheckpointMismatchError`` listing the keys.
     """
-    from transformers import CLIPConfig, CLIPTokenizer, FlaxCLIPModel
+    from zmagic_jax.models._clip import CLIPModel, clip_configs_from_dict, clip_params_from_torch
+    from zmagic_jax.models._folders import read_config, read_weights
+    from zmagic_jax.models._tokenizer import ClipTokenizer
 
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise _missing(path, "no such folder")
-    for name in ("config.json",) + _TOKENIZER_FILES:
-        if not os.path.isfile(os.path.join(path, name)):
-            raise _missing(path, f"missing {name}")
-    if os.path.isfile(os.path.join(path, _FLAX_WEIGHTS)):
-        weights, from_pt = _FLAX_WEIGHTS, False
-    else:
-        present = [name for name in _PT_WEIGHTS if os.path.isfile(os.path.join(path, name))]
-        if not present:
-            raise _missing(path, "no weight file")
-        weights, from_pt = present[0], True
-    if weights == "pytorch_model.bin":
-        try:
-            import torch  # noqa: F401  (a pickled checkpoint is read with torch.load; safetensors is not)
-        except ImportError as err:
-            raise ImportError(f"load_clip: {os.path.join(path, weights)} is a pickled PyTorch checkpoint; "
-                              f"reading it needs torch installed (or save Flax weights once with "
-                              f"FlaxCLIPModel.save_pretrained).") from err
-    if weights.endswith(".safetensors"):  # checked structure first (a clear error for a damaged file)
-        from zmagic_jax.checkpoint_io import read_safetensors_header
-        read_safetensors_header(os.path.join(path, weights), "CLIP weight file")
-    # _do_init=False: no random initialisation, only the abstract parameter shapes.
-    model = FlaxCLIPModel(CLIPConfig.from_pretrained(path, local_files_only=True), dtype=dtype, _do_init=False)
-    try:
-        params = _read_weights(model, os.path.join(path, weights), from_pt)
-    except ImportError:
-        raise
-    # Broad on purpose: a corrupt file surfaces as whatever its deserialiser raises
-    # (UnicodeDecodeError for msgpack, SafetensorError, UnpicklingError, ...); the cause is chained.
-    except Exception as err:
-        raise ValueError(f"load_clip: could not read CLIP weights {os.path.join(path, weights)!r} "
-                         f"({type(err).__name__}: {err}). Is the file complete and a CLIP checkpoint?") from err
-    params = jax.tree.map(lambda p: jnp.asarray(p, dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
-                          params)
-    tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
-    return Clip(model, params, tokenizer, int(model.config.vision_config.image_size))
-
-
-def _read_weights(model, file, from_pt):
-    """Parameters of ``model`` (built with ``_do_init=False``) read from ``file``.
-
-    transformers' own ``from_pt`` path first initialises the whole network at random, eagerly
-    (one XLA compilation per op: ~15 s on CPU even for a tiny CLIP), only to read parameter
-    shapes from it. Its converter needs nothing but ``params`` and ``base_model_prefix``, so it is
-    given the abstract shapes instead."""
-    from flax.serialization import msgpack_restore
-    from flax.traverse_util import flatten_dict
-    from transformers.modeling_flax_pytorch_utils import load_pytorch_checkpoint_in_flax_state_dict
-
-    expected = flatten_dict(model.params_shape_tree)
-    if from_pt:
-        shapes = SimpleNamespace(params=model.params_shape_tree, base_model_prefix=model.base_model_prefix)
-        params = load_pytorch_checkpoint_in_flax_state_dict(shapes, file, is_sharded=False)
-    else:
-        with open(file, "rb") as handle:
-            params = msgpack_restore(handle.read())
-    found = flatten_dict(params)
-    if set(found) != set(expected):
-        missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-        raise ValueError(f"parameters do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for key, leaf in expected.items():
-        if tuple(found[key].shape) != tuple(leaf.shape):
-            raise ValueError(f"parameter {'/'.join(key)} has shape {found[key].shape}, config says {leaf.shape}")
-    return params
+        raise FileNotFoundError(f"load_clip: no such folder {path!r}. {_HELP}")
+    raw = read_config(path, "load_clip", _HELP)
+    text, vision, projection = clip_configs_from_dict(raw, file=os.path.join(path, "config.json"))
+    if text is None or vision is None or projection is None:
+        raise ValueError(f"load_clip: {os.path.join(path, 'config.json')!r} is not a full CLIPModel config "
+                         f"(text_config, vision_config and projection_dim are all needed). {_HELP}")
+    weights = read_weights(path, ("model", "pytorch_model"), "load_clip", architecture="a transformers CLIPModel",
+                           published="openai/clip-vit-base-patch16 on the Hugging Face Hub", help_text=_HELP)
+    params = clip_params_from_torch(weights.tensors, text, vision, projection, path=weights.source)
+    params = jax.tree.map(jnp.asarray, params)
+    tokenizer = ClipTokenizer.from_folder(path)
+    return Clip(CLIPModel(text, vision, projection, dtype=dtype), params, tokenizer, int(vision.image_size))
 
 
 def clip_image_input(clip: Clip, image):
@@ -148,31 +91,22 @@ def clip_image_input(clip: Clip, image):
     return jnp.transpose(normalize_signed(resized, CLIP_MEAN, CLIP_STD), (2, 0, 1))[None]
 
 
-# The Flax CLIP wrappers (get_image_features etc.) transpose NCHW -> NHWC and wrap the pixels in
-# jnp.array; calling the module directly keeps one code path for embeddings and hidden states.
-def _image_features(module, pixels_nhwc):
-    pooled = module.vision_model(pixel_values=pixels_nhwc, deterministic=True)[1]
-    return module.visual_projection(pooled)
-
-
-def _vision_hidden_state(module, pixels_nhwc, layer):
-    out = module.vision_model(pixel_values=pixels_nhwc, deterministic=True, output_hidden_states=True)
-    return out.hidden_states[layer]
-
-
-def _text_features(module, input_ids, attention_mask, position_ids):
-    pooled = module.text_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               deterministic=True)[1]
-    return module.text_projection(pooled)
-
-
 def _nhwc(clip, image):
     return jnp.transpose(clip_image_input(clip, image), (0, 2, 3, 1))
 
 
 def image_embedding(clip: Clip, image):
     """Projected CLIP image embedding ``(D,)`` (not normalised) of one ``[-1, 1]`` image."""
-    return clip.model.module.apply({"params": clip.params}, _nhwc(clip, image), method=_image_features)[0]
+    return clip.model.apply({"params": clip.params}, _nhwc(clip, image), method="image_embeddings")[0]
+
+
+def _text_features(model, params, ids):
+    return model.value.apply({"params": params}, ids, method="text_embeddings")[0]
+
+
+# Jitted as one program (op by op, every layer would compile separately: seconds per prompt); one
+# program per architecture, the weights an argument.
+_text_features_jit = jax.jit(_text_features, static_argnums=0)
 
 
 def text_embedding(clip: Clip, prompt: str):
@@ -182,18 +116,16 @@ def text_embedding(clip: Clip, prompt: str):
     so tokens after it cannot change the embedding."""
     if not isinstance(prompt, str):
         raise TypeError(f"text_embedding: prompt must be a str; got {type(prompt).__name__}.")
-    max_length = clip.model.config.text_config.max_position_embeddings
-    ids = np.asarray(clip.tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"], np.int32)[None]
-    positions = np.arange(ids.shape[1], dtype=np.int32)[None]
-    # Jitted as one program: run eagerly, Flax compiles every op separately (seconds per prompt).
-    features = jax.jit(functools.partial(clip.model.module.apply, method=_text_features))
-    return features({"params": clip.params}, ids, np.ones_like(ids), positions)[0]
+    tok = clip.tokenizer
+    length = min(clip.model.text_config.max_position_embeddings, tok.model_max_length)
+    ids = [tok.bos_token_id] + tok.token_ids(prompt)[:length - 2] + [tok.eos_token_id]
+    return _text_features_jit(Keyed(clip.model, repr(clip.model)), clip.params, jnp.asarray([ids], jnp.int32))
 
 
 def clip_architecture(clip: Clip) -> Keyed:
-    """The static part of a :class:`Clip` (everything but its parameters), keyed by its config:
+    """The static part of a :class:`Clip` (everything but its parameters), keyed by its configs:
     programs compiled for one loaded CLIP serve every other of the same architecture."""
-    return Keyed(clip._replace(params=None), (clip.model.config.to_json_string(), clip.image_size))
+    return Keyed(clip._replace(params=None), (repr(clip.model), clip.image_size))
 
 
 def with_params(architecture, params) -> Clip:
@@ -231,13 +163,12 @@ def clip_style_features(clip: Clip, image, layer: int = 3):
     encoder blocks, CLS token dropped. ``layer`` indexes transformers' ``hidden_states``, where
     ``hidden_states[0]`` is the embedding output (after CLIP's pre-LayerNorm) and ``hidden_states[k]`` the
     output of block ``k - 1``."""
-    num_layers = clip.model.config.vision_config.num_hidden_layers
+    num_layers = clip.model.vision_config.num_hidden_layers
     if not 0 <= layer <= num_layers:
         raise ValueError(f"clip_style_features: layer must be a hidden_states index in [0, {num_layers}]; "
                          f"got {layer}.")
-    hidden = clip.model.module.apply({"params": clip.params}, _nhwc(clip, image), layer,
-                                     method=_vision_hidden_state)
-    return hidden[0, 1:]
+    out = clip.model.apply({"params": clip.params}, _nhwc(clip, image), method="vision_outputs")
+    return out.hidden_states[layer][0, 1:]
 
 
 def clip_style_energy(clip: Clip, style_image, layer: int = 3):
@@ -262,7 +193,7 @@ def _style_energy(arch, layer, params, x0):
 
 
 def _check_layer(clip: Clip, layer, who: str) -> int:
-    num_layers = clip.model.config.vision_config.num_hidden_layers
+    num_layers = clip.model.vision_config.num_hidden_layers
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer <= num_layers:
         raise ValueError(f"{who}: layer must be a hidden_states index in [0, {num_layers}]; got {layer!r}.")
     return int(layer)

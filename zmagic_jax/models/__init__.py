@@ -1,5 +1,5 @@
-"""Denoisers and networks: the exact Gaussian-mixture testbed, Stable Diffusion, the CelebA-HQ pixel DDPM
-and the ported face networks (ArcFace, BiSeNet, MobileFaceNet, MTCNN ONet)."""
+"""Denoisers and networks: the exact Gaussian-mixture testbed, Stable Diffusion (the library's own Flax UNet,
+VAE and CLIP), the CelebA-HQ pixel DDPM and the ported face networks (ArcFace, BiSeNet, MobileFaceNet, MTCNN ONet)."""
 from zmagic_jax.models._gmm import (
     GaussianMixture,
     component_x0_posterior,
@@ -19,10 +19,12 @@ from zmagic_jax.models._gmm import (
 from zmagic_jax.models._stable_diffusion import (
     StableDiffusion,
     decode_latents,
+    encode_image,
     encode_prompt,
     latent_cfg_correction,
     latent_denoiser,
     load_stable_diffusion,
+    v_to_eps,
 )
 from zmagic_jax.models._arcface import ArcFace, ArcFaceConfig, arcface_preprocess
 from zmagic_jax.models._bisenet import BiSeNet, BiSeNetConfig, bisenet_preprocess
@@ -37,3 +39,45 @@ from zmagic_jax.models._digits import (
     DigitSegmenter,
     DigitSegmenterConfig,
 )
+from zmagic_jax.models._unet2d import (
+    AttentionLayer,
+    UNet2DConditionConfig,
+    UNet2DConditionModel,
+    attention_layers,
+    select_attention,
+    unet_apply,
+    unet_config_from_dict,
+)
+from zmagic_jax.models._autoencoder_kl import AutoencoderKL, AutoencoderKLConfig, vae_config_from_dict
+from zmagic_jax.models._sd_convert import (
+    unet_params_from_torch,
+    unet_torch_state_dict,
+    vae_params_from_torch,
+    vae_torch_state_dict,
+)
+from zmagic_jax.models._tokenizer import ClipTokenizer
+from zmagic_jax.models._attention import attention, attention_scores
+from zmagic_jax.models._clip import (
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextTransformer,
+    CLIPVisionConfig,
+    CLIPVisionTransformer,
+    clip_configs_from_dict,
+    clip_params_from_torch,
+    clip_torch_state_dict,
+)
+from zmagic_jax.models._clip import (
+    CLIPModel,
+    CLIPModelOutput,
+    CLIPTextConfig,
+    CLIPTextTransformer,
+    CLIPTransformerOutput,
+    CLIPVisionConfig,
+    CLIPVisionTransformer,
+    clip_configs_from_dict,
+    clip_param_shapes,
+    clip_params_from_torch,
+    clip_torch_state_dict,
+)
+from zmagic_jax.models._tokenizer import ClipTokenizer

@@ -1,71 +1,53 @@
-"""Stable Diffusion as a library denoiser: loader, prompt encoder, guided eps, latent decoder.
+"""Stable Diffusion as a library denoiser: loader, prompt encoder, guided eps, latent encoder/decoder.
 
 The model is read from a local diffusers-format folder; nothing is ever downloaded. Layout::
 
-    <path>/unet/config.json   + diffusion_flax_model.msgpack | diffusion_pytorch_model.safetensors
-                                | diffusion_pytorch_model.bin
-    <path>/vae/               (same files as unet/)
-    <path>/text_encoder/config.json + flax_model.msgpack | model.safetensors | pytorch_model.bin
-    <path>/tokenizer/                  (CLIPTokenizer files: vocab.json, merges.txt, ...)
+    <path>/unet/config.json         + diffusion_pytorch_model.safetensors | .bin
+    <path>/vae/config.json          + diffusion_pytorch_model.safetensors | .bin
+    <path>/text_encoder/config.json + model.safetensors | pytorch_model.bin
+    <path>/tokenizer/               vocab.json, merges.txt (+ tokenizer_config.json, special_tokens_map.json)
     <path>/scheduler/scheduler_config.json
 
-A latent sample uses the UNet's native channels-first layout ``(4, h, w)`` (no batch axis): the
-diffusers Flax UNet consumes NCHW, so keeping that layout avoids a transpose per network call.
+(``.fp16`` variant files and sharded ``.index.json`` weights are read too; see
+:mod:`zmagic_jax.models._folders`.) The networks are the library's own Flax modules
+(:mod:`~zmagic_jax.models._unet2d`, :mod:`~zmagic_jax.models._autoencoder_kl`,
+:mod:`~zmagic_jax.models._clip`), built from each folder's ``config.json``; PyTorch weights are
+read without PyTorch and mapped tensor by tensor (a key left over or missing is an error listing
+them). SD 1.x and 2.x are supported, epsilon and v-prediction (converted to eps exactly).
+
+A latent sample uses the channels-first layout ``(4, h, w)`` (no batch axis) of diffusers'
+pipelines; the modules run channels-last inside (one transpose of the small latent per call).
 """
 from __future__ import annotations
 
 import json
 import os
-from types import SimpleNamespace
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax.traverse_util import flatten_dict, unflatten_dict
 
 from zmagic_jax.contracts import Denoiser, Keyed, static_partial
+from zmagic_jax.models._autoencoder_kl import AutoencoderKL, vae_config_from_dict
+from zmagic_jax.models._folders import read_config, read_weights
+from zmagic_jax.models._sd_convert import unet_params_from_torch, vae_params_from_torch
+from zmagic_jax.models._tokenizer import ClipTokenizer
+from zmagic_jax.models._unet2d import UNet2DConditionModel, unet_config_from_dict
 from zmagic_jax.schedules import Schedule, linear_schedule, scaled_linear_schedule
 
-_DEFAULT_VAE_SCALING_FACTOR = 0.18215
-
-# Per model subfolder: weight files in order of preference. Flax weights are used as they are,
-# PyTorch weights are converted on load (the Flax classes' ``from_pt`` path).
-# diffusers names its Flax files ``diffusion_flax_model.msgpack``, transformers
-# ``flax_model.msgpack``.
-_DIFFUSERS_FILES = ("diffusion_flax_model.msgpack", "flax_model.msgpack",
-                    "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-_WEIGHT_FILES = {
-    "unet": _DIFFUSERS_FILES,
-    "vae": _DIFFUSERS_FILES,
-    "text_encoder": ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin"),
-}
-
-# PyTorch config options the Flax classes silently drop: they hard-code these values, so a
-# checkpoint setting anything else would load without error yet compute a different network.
-_FLAX_IMPLICIT_CONFIG = {
-    "unet": {"act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
-             "center_input_sample": False, "class_embed_type": None, "num_class_embeds": None,
-             "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
-             "time_cond_proj_dim": None, "encoder_hid_dim": None, "conv_in_kernel": 3,
-             "conv_out_kernel": 3, "mid_block_scale_factor": 1, "downsample_padding": 1,
-             "dual_cross_attention": False, "timestep_post_act": None},
-    "vae": {"use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
-            "shift_factor": None, "latents_mean": None, "latents_std": None},
-}
-
+_PUBLISHED = ("e.g. CompVis/stable-diffusion-v1-4, stable-diffusion-v1-5/stable-diffusion-v1-5, "
+              "stabilityai/stable-diffusion-2-1-base or stabilityai/stable-diffusion-2-1 (v-prediction) "
+              "on the Hugging Face Hub")
 _LAYOUT_HELP = (
     "Expected a local diffusers-format Stable Diffusion folder with subfolders: "
-    "unet/ (config.json + diffusion_flax_model.msgpack or "
-    "diffusion_pytorch_model.safetensors/.bin), "
-    "vae/ (config.json + diffusion_flax_model.msgpack or "
-    "diffusion_pytorch_model.safetensors/.bin), "
-    "text_encoder/ (config.json + flax_model.msgpack or model.safetensors/pytorch_model.bin), "
+    "unet/ and vae/ (config.json + diffusion_pytorch_model.safetensors or .bin), "
+    "text_encoder/ (config.json + model.safetensors or pytorch_model.bin), "
     "tokenizer/ (vocab.json, merges.txt, tokenizer_config.json), "
-    "scheduler/ (scheduler_config.json). Such weights are published e.g. as "
-    "CompVis/stable-diffusion-v1-4 or stabilityai/stable-diffusion-2-base on the Hugging Face Hub, "
+    "scheduler/ (scheduler_config.json). Such weights are published " + _PUBLISHED + ", "
     "downloaded by you (e.g. `huggingface-cli download <repo> --local-dir <path>`); "
     "this library never downloads."
 )
+_PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 # ``remat`` names: the ready-made policies of ``jax.checkpoint_policies`` (the others there are
@@ -87,153 +69,38 @@ def _rematerialized(fn: Callable, remat, who: str) -> Callable:
 
 
 class StableDiffusion(NamedTuple):
-    """A loaded Stable Diffusion: the three networks with their parameters, the tokenizer, the
-    training noise schedule and the VAE latent scaling ``z = vae_scaling_factor * E(image)``."""
+    """A loaded Stable Diffusion: the three Flax modules with their parameters, the tokenizer, the
+    training noise schedule, the VAE latent scaling ``z = vae_scaling_factor * E(image)``, what
+    the UNet predicts (``"epsilon"`` or ``"v_prediction"``) and its native latent size."""
 
-    unet: Any
+    unet: UNet2DConditionModel
     unet_params: Any
-    vae: Any
+    vae: AutoencoderKL
     vae_params: Any
-    text_encoder: Any
+    text_encoder: Any  # zmagic_jax.models._clip.CLIPTextTransformer
     text_params: Any
-    tokenizer: Any
+    tokenizer: ClipTokenizer
     schedule: Schedule
     vae_scaling_factor: float
+    prediction_type: str = "epsilon"
+    sample_size: int = 64
 
 
 def _missing(what: str, path: str) -> FileNotFoundError:
     return FileNotFoundError(f"load_stable_diffusion: missing {what} {path!r}. {_LAYOUT_HELP}")
 
 
-def _weight_file(folder: str, component: str) -> str:
-    for name in _WEIGHT_FILES[component]:
-        candidate = os.path.join(folder, name)
-        if os.path.isfile(candidate):
-            return candidate
-    names = " or ".join(_WEIGHT_FILES[component])
-    raise _missing(f"{component} weight file ({names}) in", folder)
+def _component(path: str, sub: str, bases: tuple, architecture: str):
+    folder = os.path.join(path, sub)
+    who = f"load_stable_diffusion ({sub})"
+    config = read_config(folder, who, _LAYOUT_HELP)
+    weights = read_weights(folder, bases, who, architecture=architecture, published=_PUBLISHED,
+                           help_text=_LAYOUT_HELP)
+    return config, weights, os.path.join(folder, "config.json")
 
 
-def _read_weights(file: str) -> dict:
-    """Flat ``{key tuple | dotted name: array}`` from a Flax msgpack or a PyTorch file; any
-    parse failure (truncated download, git-lfs pointer, garbage) becomes a ValueError naming it."""
-    if file.endswith(".safetensors"):  # checked structure first: a clear error, and no allocation from a bad header
-        from zmagic_jax.checkpoint_io import read_safetensors_header
-        read_safetensors_header(file, "Stable Diffusion weight file")
-    try:
-        if file.endswith(".msgpack"):
-            from flax.serialization import msgpack_restore
-            with open(file, "rb") as f:
-                state = msgpack_restore(f.read())
-            if not isinstance(state, dict) or not state:
-                raise ValueError("not a parameter dictionary")
-            return flatten_dict(state)
-        if file.endswith(".safetensors"):
-            import safetensors.torch
-            return safetensors.torch.load_file(file)
-        import torch
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not state:
-            raise ValueError("not a state dict")
-        return state
-    except Exception as e:  # the readers raise many unrelated types on corrupt input
-        raise ValueError(f"load_stable_diffusion: cannot read weight file {file!r} "
-                         f"(corrupted or truncated?): {type(e).__name__}: {e}") from e
-
-
-def _checked_params(flat: dict, expected: dict, file: str) -> dict:
-    """Keep exactly the parameters the model expects; a missing or mis-shaped one is an error
-    (diffusers only warns and would fail later, far from the cause)."""
-    missing = sorted(".".join(k) for k in expected if k not in flat)
-    if missing:
-        raise ValueError(f"load_stable_diffusion: weight file {file!r} lacks {len(missing)} "
-                         f"parameters of the model, e.g. {missing[:5]}.")
-    for k, spec in expected.items():
-        if tuple(flat[k].shape) != tuple(spec.shape):
-            raise ValueError(f"load_stable_diffusion: weight file {file!r}: parameter "
-                             f"{'.'.join(k)} has shape {tuple(flat[k].shape)}, the config "
-                             f"expects {tuple(spec.shape)}.")
-    return unflatten_dict({k: jnp.asarray(flat[k]) for k in expected})
-
-
-def _load_diffusers_model(cls, folder: str, component: str, dtype):
-    config_file = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_file):
-        raise _missing(f"{component} config", config_file)
-    file = _weight_file(folder, component)
-    raw = _read_weights(file)
-    try:
-        config = cls.load_config(folder, local_files_only=True)
-    except Exception as e:
-        raise ValueError(f"load_stable_diffusion: cannot read {component} config "
-                         f"{config_file!r}: {type(e).__name__}: {e}") from e
-    for key, implicit in _FLAX_IMPLICIT_CONFIG[component].items():
-        if config.get(key, implicit) != implicit:
-            raise ValueError(f"load_stable_diffusion: {component} config {config_file!r} sets "
-                             f"{key}={config[key]!r}; the Flax {cls.__name__} only implements "
-                             f"{key}={implicit!r}.")
-    try:
-        model = cls.from_config(config, dtype=dtype)
-        expected = flatten_dict(jax.eval_shape(model.init_weights, jax.random.PRNGKey(0)))
-        if file.endswith(".msgpack"):
-            flat = raw
-        else:
-            from diffusers.models.modeling_flax_pytorch_utils import (
-                convert_pytorch_state_dict_to_flax)
-            # The converter only reads names and shapes off `init_weights()`; handing it the
-            # shape tree skips a real random init (tens of seconds for SD's UNet on CPU).
-            shapes = unflatten_dict(expected)
-            flat = flatten_dict(convert_pytorch_state_dict_to_flax(
-                raw, SimpleNamespace(init_weights=lambda rng: shapes)))
-    except Exception as e:
-        raise ValueError(f"load_stable_diffusion: failed to build component {component!r} from "
-                         f"{folder!r}: {type(e).__name__}: {e}") from e
-    return model, _checked_params(flat, expected, file)
-
-
-def _load_text_encoder(folder: str, dtype):
-    from transformers import CLIPTextConfig, FlaxCLIPTextModel
-
-    config_file = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_file):
-        raise _missing("text_encoder config", config_file)
-    file = _weight_file(folder, "text_encoder")
-    raw = _read_weights(file)
-    try:
-        config = CLIPTextConfig.from_pretrained(folder, local_files_only=True)
-        # No random init (`_do_init=False`): the parameters come from the file.
-        model = FlaxCLIPTextModel(config, dtype=dtype, _do_init=False)
-        expected = flatten_dict(model.params_shape_tree)
-        if file.endswith(".msgpack"):
-            flat = raw
-        else:
-            from transformers.modeling_flax_pytorch_utils import (
-                convert_pytorch_state_dict_to_flax)
-            # The converter only reads names and shapes off `.params` and the prefix.
-            proxy = SimpleNamespace(params=model.params_shape_tree,
-                                    base_model_prefix=model.base_model_prefix)
-            flat = flatten_dict(convert_pytorch_state_dict_to_flax(raw, proxy))
-    except Exception as e:
-        raise ValueError(f"load_stable_diffusion: failed to build component 'text_encoder' from "
-                         f"{folder!r}: {type(e).__name__}: {e}") from e
-    return model, _checked_params(flat, expected, file)
-
-
-def _load_tokenizer(folder: str):
-    from transformers import CLIPTokenizer
-
-    for name in ("vocab.json", "merges.txt"):
-        if not os.path.isfile(os.path.join(folder, name)):
-            raise _missing("tokenizer file", os.path.join(folder, name))
-    try:
-        return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as e:
-        raise ValueError(f"load_stable_diffusion: failed to load component 'tokenizer' from "
-                         f"{folder!r}: {type(e).__name__}: {e}") from e
-
-
-def _load_schedule(folder: str) -> Schedule:
-    """The training schedule from ``scheduler_config.json``; absent keys take diffusers'
+def _load_schedule(folder: str) -> tuple:
+    """``(schedule, prediction_type)`` from ``scheduler_config.json``; absent keys take diffusers'
     defaults."""
     file = os.path.join(folder, "scheduler_config.json")
     if not os.path.isfile(file):
@@ -245,10 +112,9 @@ def _load_schedule(folder: str) -> Schedule:
         raise ValueError(
             f"load_stable_diffusion: cannot parse scheduler config {file!r}: {e}") from e
     prediction = config.get("prediction_type", "epsilon")
-    if prediction != "epsilon":
-        # v-prediction (e.g. SD 2.x 768) would need eps = sqrt(ab) v + sqrt(1 - ab) x conversion.
+    if prediction not in _PREDICTION_TYPES:
         raise ValueError(f"load_stable_diffusion: scheduler prediction_type {prediction!r} in "
-                         f"{file!r} is not supported; only 'epsilon' models are.")
+                         f"{file!r} is not supported; expected one of {list(_PREDICTION_TYPES)}.")
     if config.get("trained_betas") is not None:
         raise ValueError(f"load_stable_diffusion: explicit trained_betas in {file!r} are not "
                          "supported; use beta_schedule 'linear' or 'scaled_linear'.")
@@ -257,22 +123,25 @@ def _load_schedule(folder: str) -> Schedule:
     if kind not in builders:
         raise ValueError(f"load_stable_diffusion: scheduler beta_schedule {kind!r} in {file!r} "
                          f"is not supported; expected one of {sorted(builders)}.")
-    return builders[kind](int(config.get("num_train_timesteps", 1000)),
-                          float(config.get("beta_start", 1e-4)),
-                          float(config.get("beta_end", 0.02)))
+    schedule = builders[kind](int(config.get("num_train_timesteps", 1000)),
+                              float(config.get("beta_start", 1e-4)),
+                              float(config.get("beta_end", 0.02)))
+    return schedule, prediction
 
 
-def load_stable_diffusion(path, dtype=jnp.float32) -> StableDiffusion:
+def load_stable_diffusion(path, dtype=jnp.float32, *, remat: bool = False) -> StableDiffusion:
     """Load a local diffusers-format Stable Diffusion folder (see the module docstring).
 
-    Flax weights (``flax_model.msgpack``) are preferred when present; PyTorch weights
-    (safetensors or ``.bin``) are converted to Flax on load. ``dtype`` is the networks'
-    computation dtype; parameters keep the dtype stored in the files.
+    PyTorch weights (safetensors or ``.bin``, float32 or the fp16 variant) are read without
+    PyTorch and mapped to the library's Flax modules; parameters are float32. ``dtype`` is the
+    networks' compute dtype (``jnp.bfloat16`` computes in bfloat16 with float32 parameters);
+    ``remat=True`` recomputes every UNet / VAE / text-encoder block in the backward pass.
 
-    Raises FileNotFoundError naming the missing folder/file and the expected layout, and
-    ValueError for an unreadable weight file or an unsupported scheduler.
+    Raises FileNotFoundError naming the missing folder/file and the expected layout, ValueError
+    for an unsupported config option or scheduler (naming the file and key), and
+    ``CheckpointMismatchError`` listing missing, left-over or misshapen tensors.
     """
-    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+    from zmagic_jax.models._clip import CLIPTextTransformer, clip_configs_from_dict, clip_params_from_torch
 
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -280,17 +149,32 @@ def load_stable_diffusion(path, dtype=jnp.float32) -> StableDiffusion:
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not os.path.isdir(os.path.join(path, sub)):
             raise _missing(f"{sub} folder", os.path.join(path, sub))
-    schedule = _load_schedule(os.path.join(path, "scheduler"))
-    unet, unet_params = _load_diffusers_model(
-        FlaxUNet2DConditionModel, os.path.join(path, "unet"), "unet", dtype)
-    vae, vae_params = _load_diffusers_model(
-        FlaxAutoencoderKL, os.path.join(path, "vae"), "vae", dtype)
-    text_encoder, text_params = _load_text_encoder(os.path.join(path, "text_encoder"), dtype)
-    tokenizer = _load_tokenizer(os.path.join(path, "tokenizer"))
-    scaling = dict(vae.config).get("scaling_factor")
-    return StableDiffusion(unet, unet_params, vae, vae_params, text_encoder, text_params,
-                           tokenizer, schedule,
-                           float(_DEFAULT_VAE_SCALING_FACTOR if scaling is None else scaling))
+    schedule, prediction = _load_schedule(os.path.join(path, "scheduler"))
+
+    raw, weights, file = _component(path, "unet", ("diffusion_pytorch_model",),
+                                    "a diffusers UNet2DConditionModel")
+    unet_config = unet_config_from_dict(raw, file=file)
+    sample_size = raw.get("sample_size", 64)
+    sample_size = int(sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size)
+    unet_params = unet_params_from_torch(weights.tensors, unet_config, path=weights.source)
+    del weights
+
+    raw, weights, file = _component(path, "vae", ("diffusion_pytorch_model",), "a diffusers AutoencoderKL")
+    vae_config = vae_config_from_dict(raw, file=file)
+    vae_params = vae_params_from_torch(weights.tensors, vae_config, path=weights.source)
+
+    raw, weights, file = _component(path, "text_encoder", ("model", "pytorch_model"),
+                                    "a transformers CLIPTextModel")
+    text_config, _, _ = clip_configs_from_dict(raw, file=file)
+    if text_config is None:
+        raise ValueError(f"load_stable_diffusion: {file!r} is not a CLIP text model config.")
+    text_params = clip_params_from_torch(weights.tensors, text_config, None, None, path=weights.source)["text_model"]
+
+    tokenizer = ClipTokenizer.from_folder(os.path.join(path, "tokenizer"))
+    return StableDiffusion(UNet2DConditionModel(unet_config, dtype=dtype, remat=remat), unet_params,
+                           AutoencoderKL(vae_config, dtype=dtype, remat=remat), vae_params,
+                           CLIPTextTransformer(text_config, dtype=dtype, remat=remat), text_params,
+                           tokenizer, schedule, float(vae_config.scaling_factor), prediction, sample_size)
 
 
 def encode_prompt(sd: StableDiffusion, prompts: Sequence[str]) -> jnp.ndarray:
@@ -304,42 +188,67 @@ def encode_prompt(sd: StableDiffusion, prompts: Sequence[str]) -> jnp.ndarray:
                          f"got {prompts!r}.")
     length = min(int(sd.tokenizer.model_max_length),
                  int(sd.text_encoder.config.max_position_embeddings))
-    tokens = sd.tokenizer(list(prompts), padding="max_length", max_length=length,
-                          truncation=True, return_tensors="np")
-    out = sd.text_encoder(tokens["input_ids"], params=sd.text_params)
-    return out.last_hidden_state
+    ids = sd.tokenizer(list(prompts), length)
+    return _encode_ids(Keyed(sd.text_encoder, repr(sd.text_encoder)), sd.text_params, jnp.asarray(ids))
+
+
+def _text_states(encoder, params, ids):
+    return encoder.value.apply({"params": params}, ids).last_hidden_state
+
+
+# One compiled program per text-encoder architecture (``Keyed`` hashes by its key); the weights are
+# an argument.
+_encode_ids = jax.jit(_text_states, static_argnums=0)
 
 
 def _cfg_params(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_scale, who: str) -> dict:
     """Validated params of the CFG denoisers: UNet weights, the ``(2, L, D)`` context
-    ``[uncond, cond]`` and the scale, all leaves."""
+    ``[uncond, cond]``, the scale and (v-prediction) the schedule's ``alphas_cumprod``, all
+    leaves."""
     cond = jnp.asarray(prompt_embeds)
     uncond = jnp.asarray(uncond_embeds)
-    cross_dim = int(sd.unet.cross_attention_dim)
-    if cond.ndim != 2 or cond.shape[-1] != cross_dim:
+    cross_dim = sd.unet.config.context_dim
+    if cond.ndim != 2 or (cross_dim is not None and cond.shape[-1] != cross_dim):
         raise ValueError(f"{who}: prompt_embeds must have shape (L, {cross_dim}); got {cond.shape}.")
     if uncond.shape != cond.shape:
         raise ValueError(f"{who}: uncond_embeds must have the shape of prompt_embeds "
                          f"{cond.shape}; got {uncond.shape}.")
     if isinstance(guidance_scale, bool) or jnp.ndim(guidance_scale) != 0:
         raise ValueError(f"{who}: guidance_scale must be a scalar; got {guidance_scale!r}.")
-    return {"unet": sd.unet_params, "context": jnp.stack([uncond, cond]), "scale": guidance_scale}
+    params = {"unet": sd.unet_params, "context": jnp.stack([uncond, cond]), "scale": guidance_scale}
+    if sd.prediction_type == "v_prediction":
+        params["alphas_cumprod"] = jnp.asarray(sd.schedule.alphas_cumprod)
+    return params
+
+
+def v_to_eps(v, x, alpha_bar):
+    """The noise prediction of a v-prediction model: ``eps = sqrt(ab) v + sqrt(1 - ab) x`` (from
+    ``v = sqrt(ab) eps - sqrt(1 - ab) x0`` and ``x = sqrt(ab) x0 + sqrt(1 - ab) eps``)."""
+    return jnp.sqrt(alpha_bar) * v + jnp.sqrt(1.0 - alpha_bar) * x
 
 
 def _cfg(unet, remat, correction_only, params, x, t):
     """``eps_u + w (eps_c - eps_u)`` (or ``w (eps_c - eps_u)``) of one latent: both branches in one
-    UNet call on a batch of two copies of ``x``."""
+    UNet call on a batch of two copies of ``x``. A v-prediction UNet's outputs are converted to
+    eps first (exact and affine in v, so CFG on v then conversion gives the same eps)."""
     unet = unet.value
-    channels = int(unet.in_channels)
+    channels = int(unet.config.in_channels)
     if x.ndim != 3 or x.shape[0] != channels:
         raise ValueError(f"latent denoiser: x must be one latent ({channels}, h, w); got shape {x.shape}.")
-    call = _rematerialized(lambda p, x, timesteps, context: unet.apply(
-        {"params": p}, x, timesteps, context, train=False).sample, remat, "latent denoiser")
-    # One timestep per batch row; integer like the PyTorch UNet's (it embeds t as float).
+    call = _rematerialized(lambda p, x, timesteps, context: unet.apply({"params": p}, x, timesteps, context),
+                           remat, "latent denoiser")
+    # One timestep per batch row; integer like the PyTorch pipelines' (the UNet embeds t as float).
     timesteps = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (2,))
-    eps_u, eps_c = call(params["unet"], jnp.stack([x, x]), timesteps, params["context"])
-    correction = params["scale"] * (eps_c - eps_u)
-    return (correction if correction_only else eps_u + correction).astype(x.dtype)
+    hwc = jnp.transpose(x, (1, 2, 0))
+    out_u, out_c = jnp.transpose(call(params["unet"], jnp.stack([hwc, hwc]), timesteps, params["context"]),
+                                 (0, 3, 1, 2)).astype(x.dtype)
+    if "alphas_cumprod" in params:  # v-prediction
+        ab = params["alphas_cumprod"][t].astype(x.dtype)
+        if correction_only:
+            return params["scale"] * jnp.sqrt(ab) * (out_c - out_u)
+        out_u, out_c = v_to_eps(out_u, x, ab), v_to_eps(out_c, x, ab)
+    correction = params["scale"] * (out_c - out_u)
+    return (correction if correction_only else out_u + correction).astype(x.dtype)
 
 
 def latent_denoiser(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_scale, *, remat=False) -> Denoiser:
@@ -347,12 +256,13 @@ def latent_denoiser(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_
 
     ``denoiser(x, t) = eps_u + w (eps_c - eps_u)`` with ``eps_c = UNet(x, t, c)``,
     ``eps_u = UNet(x, t, u)`` and ``w = guidance_scale`` (``w = 1``: conditional model only,
-    ``w = 0``: unconditional). ``x`` is a latent ``(4, h, w)`` in the UNet's channels-first
-    layout (``h, w`` multiples of the UNet's downsampling factor), ``t`` an integer timestep
-    (traced) of ``sd.schedule``. ``prompt_embeds`` / ``uncond_embeds`` are one prompt's embeddings
-    ``(L, D)`` (e.g. ``encode_prompt(sd, [p])[0]`` and of ``""``). The UNet weights, both
-    embeddings and ``w`` are the params (leaves): a new prompt or scale reuses the program.
-    Both branches run in a single UNet call on a batch of two copies of ``x``.
+    ``w = 0``: unconditional). For a v-prediction model (SD 2.x 768) each branch is converted to
+    eps by :func:`v_to_eps`. ``x`` is a latent ``(4, h, w)`` (channels first; ``h, w`` multiples
+    of the UNet's downsampling factor), ``t`` an integer timestep (traced) of ``sd.schedule``.
+    ``prompt_embeds`` / ``uncond_embeds`` are one prompt's embeddings ``(L, D)`` (e.g.
+    ``encode_prompt(sd, [p])[0]`` and of ``""``). The UNet weights, both embeddings and ``w`` are
+    the params (leaves): a new prompt or scale reuses the program. Both branches run in a single
+    UNet call on a batch of two copies of ``x``.
 
     ``remat=True`` wraps the UNet call in ``jax.checkpoint``: differentiating through the denoiser
     (every guidance scheme does) then stores only the UNet's inputs and recomputes its
@@ -386,15 +296,28 @@ def decode_latents(sd: StableDiffusion, latents, *, remat=False) -> jnp.ndarray:
     ``remat`` as in :func:`latent_denoiser`, for the VAE decoder call: its activations at the full
     image resolution dominate the memory of gradients of image energies."""
     decoder = _rematerialized(
-        lambda params, z: sd.vae.apply({"params": params}, z, method=sd.vae.decode).sample,
-        remat, "decode_latents")
+        lambda params, z: sd.vae.apply({"params": params}, z, method="decode"), remat, "decode_latents")
     z = jnp.asarray(latents)
-    channels = int(sd.vae.latent_channels)
+    channels = int(sd.vae.config.latent_channels)
     if z.ndim != 3 or z.shape[0] != channels:
         raise ValueError(f"decode_latents: latents must be one latent ({channels}, h, w); "
                          f"got shape {z.shape}.")
-    # Hand the VAE channels-last input: its decode() guesses the layout from the last axis and
-    # would mis-read an NCHW latent whose width equals the channel count.
     z = jnp.transpose(z / sd.vae_scaling_factor, (1, 2, 0))[None]
-    image = decoder(sd.vae_params, z)
-    return jnp.transpose(image[0], (1, 2, 0))
+    return decoder(sd.vae_params, z)[0].astype(z.dtype)
+
+
+def encode_image(sd: StableDiffusion, image, key: Optional[jax.Array] = None, *, remat=False) -> jnp.ndarray:
+    """Encode one image ``(H, W, 3)`` in ``[-1, 1]`` (``H, W`` multiples of the VAE factor) to a
+    latent ``(4, H/f, W/f)`` scaled as the UNet expects: ``scaling_factor * mean`` of the VAE
+    posterior, or ``scaling_factor * (mean + exp(logvar / 2) n)`` with ``n ~ N(0, I)`` drawn from
+    ``key`` (diffusers' ``latent_dist.sample()``). Differentiable; ``remat`` as in
+    :func:`decode_latents`."""
+    image = jnp.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != sd.vae.config.in_channels:
+        raise ValueError(f"encode_image: image must be one (H, W, {sd.vae.config.in_channels}) image in [-1, 1]; "
+                         f"got shape {image.shape}.")
+    encoder = _rematerialized(lambda params, x: sd.vae.apply({"params": params}, x, method="encode"),
+                              remat, "encode_image")
+    mean, logvar = encoder(sd.vae_params, image[None])
+    z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+    return jnp.transpose(sd.vae_scaling_factor * z[0], (2, 0, 1)).astype(image.dtype)

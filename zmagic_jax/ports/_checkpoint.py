@@ -20,6 +20,15 @@ import numpy as np
 from flax import traverse_util
 
 from zmagic_jax._io import check_output_file
+from zmagic_jax._state_dict import (  # noqa: F401  (re-exported for the ports)
+    CheckpointMismatchError,
+    StateDict,
+    conv_kernel,
+    dense_kernel,
+    params_from_torch,
+    torch_from_params,
+    torch_key,
+)
 from zmagic_jax.checkpoint_io import (
     TORCH_SUFFIXES,
     is_torch_checkpoint,
@@ -29,10 +38,6 @@ from zmagic_jax.checkpoint_io import (
     read_torch_checkpoint,
     save_params,
 )
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint's tensors do not match the architecture a converter expects."""
 
 
 def is_converted_file(path) -> bool:
@@ -81,62 +86,6 @@ def state_dict_of(obj, *, path, architecture: str) -> dict:
             found += f" of {len(obj)} items ({', '.join(type(o).__name__ for o in obj[:6])})"
         raise ValueError(f"{path}: expected a state dict of {architecture} (name -> tensor), found a {found}")
     return strip_prefix(obj)
-
-
-class StateDict:
-    """Tensors of a checkpoint, consumed by name; ``finish`` checks that the mapping covered them all."""
-
-    def __init__(self, state_dict: dict, *, architecture: str, path: str = "<memory>"):
-        self._tensors = dict(state_dict)
-        self._used: set = set()
-        self._missing: list = []
-        self.architecture = architecture
-        self.path = str(path)
-
-    def take(self, name: str, dtype=np.float32) -> np.ndarray:
-        """The tensor ``name`` as ``dtype``; a missing name is recorded and reported by ``finish``."""
-        if name not in self._tensors:
-            self._missing.append(name)
-            return np.zeros((0,), dtype)
-        self._used.add(name)
-        return np.asarray(self._tensors[name], dtype=dtype)
-
-    def skip(self, name: str) -> None:
-        """Consume a non-parameter buffer on purpose (e.g. ``num_batches_tracked``) if present."""
-        if name in self._tensors:
-            self._used.add(name)
-
-    def has(self, name: str) -> bool:
-        return name in self._tensors
-
-    def keys(self) -> list:
-        return sorted(self._tensors)
-
-    def finish(self) -> None:
-        unexpected = sorted(set(self._tensors) - self._used)
-        if not self._missing and not unexpected:
-            return
-        lines = [f"{self.path} does not match {self.architecture}:"]
-        if self._missing:
-            lines.append(f"  missing from the checkpoint ({len(self._missing)}): " + ", ".join(self._missing[:40])
-                         + (" ..." if len(self._missing) > 40 else ""))
-        if unexpected:
-            lines.append(f"  not used by the architecture ({len(unexpected)}): " + ", ".join(unexpected[:40])
-                         + (" ..." if len(unexpected) > 40 else ""))
-        lines.append("  Check that the checkpoint and the config (depth, widths, classes) are the same network.")
-        raise CheckpointMismatchError("\n".join(lines))
-
-
-def conv_kernel(weight: np.ndarray) -> np.ndarray:
-    """PyTorch ``Conv2d`` weight (out, in/groups, kh, kw) -> Flax ``nn.Conv`` kernel (kh, kw, in/groups, out).
-    A tensor of another rank (e.g. the empty stand-in of a missing key) passes unchanged, so
-    ``StateDict.finish`` can report every problem at once."""
-    return np.transpose(weight, (2, 3, 1, 0)) if weight.ndim == 4 else weight
-
-
-def dense_kernel(weight: np.ndarray) -> np.ndarray:
-    """PyTorch ``Linear`` weight (out, in) -> Flax ``nn.Dense`` kernel (in, out) (other ranks pass unchanged)."""
-    return np.transpose(weight) if weight.ndim == 2 else weight
 
 
 def batchnorm_affine(sd: StateDict, prefix: str, eps: float, affine: bool = True) -> dict:

@@ -169,8 +169,8 @@ def load_style_image(path, size: int) -> np.ndarray:
 
 
 def _latent_shape(sd: StableDiffusion, settings: TextStyleSettings) -> tuple:
-    h, w = settings.latent_size or (int(sd.unet.sample_size),) * 2
-    return int(sd.unet.in_channels), h, w
+    h, w = settings.latent_size or (int(sd.sample_size),) * 2
+    return int(sd.unet.config.in_channels), h, w
 
 
 def _rule(settings: TextStyleSettings, sd, cond, uncond):
@@ -291,7 +291,7 @@ def sample_text_style(models: TextStyleModels, settings: TextStyleSettings, sche
 
 def content_layer(clip: Clip, settings: TextStyleSettings) -> int:
     """The content metric's CLIP ``hidden_states`` index (default: half the vision depth)."""
-    depth = int(clip.model.config.vision_config.num_hidden_layers)
+    depth = int(clip.model.vision_config.num_hidden_layers)
     return max(1, depth // 2) if settings.content_layer is None else int(settings.content_layer)
 
 
