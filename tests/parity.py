@@ -16,7 +16,7 @@ import numpy as np
 from experiments.make_parity_fixtures import PORT_FILE_CONFIGS, PORT_FILE_SEED, PORT_FILES_DIR
 from ports.random_weights import random_state_dict, state_dict_shapes
 from ports.verify import REFERENCES
-from tests.references import torch_reference
+from tests.references import array_text, text_array, torch_reference
 
 # The files of experiments/make_parity_fixtures.py's write_port_fixtures.
 CHECKPOINTS: Path = PORT_FILES_DIR
@@ -27,10 +27,8 @@ def reference_state_dict(group: str, name: str, build, seed: int) -> dict:
     ``{key: shape}`` is the reference ``layout/<name>`` of ``group`` (stored as its JSON text, a
     third of the bytes of an entry per key)."""
     def layout():
-        text = json.dumps(state_dict_shapes(build()), sort_keys=True, separators=(",", ":"))
-        return np.frombuffer(text.encode(), np.uint8)
-    text = bytes(np.asarray(torch_reference(group, f"layout/{name}", layout), np.uint8))
-    return random_state_dict(json.loads(text), seed)
+        return text_array(json.dumps(state_dict_shapes(build()), sort_keys=True, separators=(",", ":")))
+    return random_state_dict(json.loads(array_text(torch_reference(group, f"layout/{name}", layout))), seed)
 
 
 def file_state_dict(group: str, network: str, seed: int = PORT_FILE_SEED) -> dict:

@@ -61,6 +61,16 @@ def _unflatten(name: str, entries: dict):
     return found or None
 
 
+def text_array(text: str) -> np.ndarray:
+    """``text`` as a uint8 array of its UTF-8 bytes, so names, key lists and JSON can be references."""
+    return np.frombuffer(text.encode(), np.uint8)
+
+
+def array_text(array) -> str:
+    """The text of a :func:`text_array` reference."""
+    return bytes(np.asarray(array, np.uint8)).decode()
+
+
 def torch_reference(group: str, name: str, compute, *, rtol: float = 1e-5):
     """The PyTorch reference ``name`` of ``group``: live with torch, else the committed copy."""
     if have_torch():

@@ -17,7 +17,7 @@ import pytest
 from flax import traverse_util
 
 from experiments.tiny_models import random_tree
-from tests.references import torch_reference
+from tests.references import array_text, text_array, torch_reference
 from zmagic_jax.models._autoencoder_kl import AutoencoderKL, AutoencoderKLConfig, vae_config_from_dict
 from zmagic_jax.models._sd_convert import vae_param_shapes, vae_params_from_torch, vae_torch_state_dict
 from zmagic_jax.ports._checkpoint import CheckpointMismatchError
@@ -38,15 +38,6 @@ CASES = {"vae": (VAE, 0), "bare": (BARE, 1)}  # name -> (diffusers options, seed
 def _rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def _text_array(text: str) -> np.ndarray:
-    """A string as a reference (its UTF-8 bytes)."""
-    return np.frombuffer(text.encode(), np.uint8)
-
-
-def _text(array) -> str:
-    return bytes(np.asarray(array, np.uint8)).decode()
 
 
 def _nchw(x):
@@ -92,7 +83,7 @@ def _torch_outputs(name: str) -> dict:
     saved = {k: v for k, v in json.loads(model.to_json_string()).items() if k != "_diffusers_version"}
     keys = "\n".join(sorted(f"{k} {tuple(v.shape)}" for k, v in model.state_dict().items()))
     return {"mean": _nhwc(posterior.mean), "logvar": _nhwc(posterior.logvar), "decoded": decoded,
-            "config_json": _text_array(json.dumps(saved, sort_keys=True)), "state_dict_keys": _text_array(keys)}
+            "config_json": text_array(json.dumps(saved, sort_keys=True)), "state_dict_keys": text_array(keys)}
 
 
 class Case(NamedTuple):
@@ -197,7 +188,7 @@ def test_config_reader(vae, bare):
     assert vae_config_from_dict({**VAE, **harmless}, file="f") == vae.config
     # The complete config.json diffusers saves for these models (every default written out).
     for case in (vae, bare):
-        saved = json.loads(_text(case.torch["config_json"]))
+        saved = json.loads(array_text(case.torch["config_json"]))
         assert saved["_class_name"] == "AutoencoderKL" and len(saved) > 15
         assert vae_config_from_dict(saved, file="vae/config.json") == case.config
 
@@ -220,7 +211,7 @@ def test_converter_round_trip(vae, bare):
         state_dict = vae_torch_state_dict(case.params, case.config)
         # diffusers' own keys and shapes (its load_state_dict(strict=True) took exactly these)
         keys = "\n".join(sorted(f"{k} {v.shape}" for k, v in state_dict.items()))
-        assert keys == _text(case.torch["state_dict_keys"])
+        assert keys == array_text(case.torch["state_dict_keys"])
         again = traverse_util.flatten_dict(vae_params_from_torch(state_dict, case.config))
         flat = traverse_util.flatten_dict(case.params)
         assert set(again) == set(flat)

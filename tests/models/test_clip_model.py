@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from experiments.tiny_models import random_tree
-from tests.references import torch_reference
+from tests.references import array_text, text_array, torch_reference
 from zmagic_jax.models._clip import (
     CLIPModel,
     CLIPTextConfig,
@@ -129,7 +129,7 @@ def _torch_outputs(raw, state_dict, ids, mask, pixels, weights) -> dict:
         text = text_tower(ids_t, attention_mask=mask_t, output_hidden_states=True)
     out = {"text_last": text.last_hidden_state.numpy(), "text_pooled": text.pooler_output.numpy(),
            "text_states": np.stack([h.numpy() for h in text.hidden_states]),
-           "state_dict_keys": np.frombuffer(keys.encode(), np.uint8)}  # as UTF-8 bytes
+           "state_dict_keys": text_array(keys)}
     if raw["model_type"] == "clip":
         pixels_t = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
         with torch.no_grad():
@@ -169,7 +169,7 @@ def case(request):
     weights = rng.normal(size=(PROJECTION,)).astype(np.float32)
     reference = dict(torch_reference(GROUP, request.param,
                                      lambda: _torch_outputs(raw, state_dict, ids, mask, pixels, weights)))
-    torch_keys = bytes(np.asarray(reference.pop("state_dict_keys"), np.uint8)).decode()
+    torch_keys = array_text(reference.pop("state_dict_keys"))
     params = clip_params_from_torch(state_dict, *configs, path=request.param)
     return dict(name=request.param, raw=raw, state_dict=state_dict, params=params, ids=ids, mask=mask,
                 pixels=pixels, weights=weights, reference=reference, torch_keys=torch_keys, configs=configs)

@@ -28,7 +28,7 @@ import pytest
 import tokenizers
 
 from tests import references
-from tests.references import torch_reference
+from tests.references import text_array, torch_reference
 from zmagic_jax.models._tokenizer import UNBOUNDED_LENGTH, ClipTokenizer, read_merges
 
 GROUP = "tokenizer"
@@ -253,7 +253,7 @@ def _slow_corpus(folder) -> dict:
 def _slow_merges(folder) -> np.ndarray:
     """The merges the slow tokenizer read, in rank order, as UTF-8 lines ``left right``."""
     ranks = _slow_tokenizer(str(folder)).bpe_ranks
-    return np.frombuffer("\n".join(" ".join(pair) for pair in sorted(ranks, key=ranks.get)).encode(), np.uint8)
+    return text_array("\n".join(" ".join(pair) for pair in sorted(ranks, key=ranks.get)))
 
 
 def _unassigned() -> np.ndarray:

@@ -16,7 +16,7 @@ import pytest
 from flax import traverse_util
 
 from experiments.tiny_models import random_tree
-from tests.references import torch_reference
+from tests.references import array_text, text_array, torch_reference
 from zmagic_jax.models._sd_convert import unet_param_shapes, unet_params_from_torch, unet_torch_state_dict
 from zmagic_jax.models._unet2d import (
     UNet2DConditionConfig,
@@ -55,15 +55,6 @@ def _rel_err(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-def _text_array(text: str) -> np.ndarray:
-    """A string as a reference (its UTF-8 bytes)."""
-    return np.frombuffer(text.encode(), np.uint8)
-
-
-def _text(array) -> str:
-    return bytes(np.asarray(array, np.uint8)).decode()
-
-
 def _weights(name: str):
     """``(config, params, sample, context)`` of a case: numpy random weights and inputs."""
     options, seed = CASES[name]
@@ -100,10 +91,10 @@ def _torch_outputs(name: str) -> dict:
     modules = dict(model.named_modules())
     saved = {k: v for k, v in json.loads(model.to_json_string()).items() if k != "_diffusers_version"}
     keys = "\n".join(sorted(f"{k} {tuple(v.shape)}" for k, v in model.state_dict().items()))
-    return {"output": out, "attention_names": _text_array("\n".join(names)),
+    return {"output": out, "attention_names": text_array("\n".join(names)),
             "attention_heads": np.array([modules[n].heads for n in names]),
             "attention_cross": np.array([modules[n].is_cross_attention for n in names], np.uint8),
-            "config_json": _text_array(json.dumps(saved, sort_keys=True)), "state_dict_keys": _text_array(keys)}
+            "config_json": text_array(json.dumps(saved, sort_keys=True)), "state_dict_keys": text_array(keys)}
 
 
 class Case(NamedTuple):
@@ -154,7 +145,7 @@ def test_config_reads_diffusers_semantics(sd1, sd2):
                                   "dropout": 0.1, "an_option_diffusers_ignores": 1}, file="f") == sd1.config
     # The complete config.json diffusers saves for these models (every default written out).
     for case in (sd1, sd2):
-        saved = json.loads(_text(case.torch["config_json"]))
+        saved = json.loads(array_text(case.torch["config_json"]))
         assert saved["_class_name"] == "UNet2DConditionModel" and len(saved) > 40
         assert unet_config_from_dict(saved, file="unet/config.json") == case.config
 
@@ -178,7 +169,7 @@ def test_timestep_features_match_diffusers(dim, flip, shift):
 def test_attention_layers_are_diffusers_processors(name, request):
     case = request.getfixturevalue(name)
     layers = attention_layers(case.config, (8, 8))
-    names = _text(case.torch["attention_names"]).split("\n")
+    names = array_text(case.torch["attention_names"]).split("\n")
     assert sorted(layer.name for layer in layers) == names
     by_name = {layer.name: layer for layer in layers}
     for layer_name, heads, cross in zip(names, case.torch["attention_heads"], case.torch["attention_cross"]):
@@ -345,7 +336,7 @@ def test_converter_round_trip(sd1, sd2):
         state_dict = unet_torch_state_dict(case.params, case.config)
         # diffusers' own keys and shapes (its load_state_dict(strict=True) took exactly these)
         keys = "\n".join(sorted(f"{k} {v.shape}" for k, v in state_dict.items()))
-        assert keys == _text(case.torch["state_dict_keys"])
+        assert keys == array_text(case.torch["state_dict_keys"])
         again = traverse_util.flatten_dict(unet_params_from_torch(state_dict, case.config))
         for path, value in traverse_util.flatten_dict(case.params).items():
             np.testing.assert_array_equal(again[path], value)
