@@ -171,6 +171,8 @@ def load_stable_diffusion(path, dtype=jnp.float32, *, remat: bool = False) -> St
     text_params = clip_params_from_torch(weights.tensors, text_config, None, None, path=weights.source)["text_model"]
 
     tokenizer = ClipTokenizer.from_folder(os.path.join(path, "tokenizer"))
+    # Device arrays once, here: numpy params would be copied host -> device on every jitted call.
+    unet_params, vae_params, text_params = jax.tree.map(jnp.asarray, (unet_params, vae_params, text_params))
     return StableDiffusion(UNet2DConditionModel(unet_config, dtype=dtype, remat=remat), unet_params,
                            AutoencoderKL(vae_config, dtype=dtype, remat=remat), vae_params,
                            CLIPTextTransformer(text_config, dtype=dtype, remat=remat), text_params,
