@@ -136,6 +136,31 @@ def test_what_killed_runs_left_is_cleaned_up_or_restored(tmp_path):
     assert (out / "report.json").read_text() == "earlier run"
 
 
+def test_a_run_killed_while_making_its_staging_folder_leaves_nothing_behind(tmp_path):
+    """Killed between making the folder and renaming it to .tmp: it holds the marker at most."""
+    out = previous_output(tmp_path / "out")
+    pid = dead_pid()
+    empty = tmp_path / f".out.{pid}.aaa.new"
+    empty.mkdir()
+    part = tmp_path / f".out.{pid}.bbb.new"
+    part.mkdir()
+    (part / f".{MARKER}.x1y2.tmp").write_text('{"tool": "zm')  # killed while writing the marker
+    marked = previous_output(tmp_path / f".out.{pid}.ccc.new", pid=pid, content="x")
+    (marked / "report.json").unlink()  # marker only
+    user = tmp_path / f".out.{pid}.ddd.new"  # someone's data under that name: never touched
+    user.mkdir()
+    (user / "mine.txt").write_text("mine")
+    alive = tmp_path / f".out.{os.getppid()}.eee.new"  # a live run about to rename it
+    alive.mkdir()
+    with pytest.warns(RuntimeWarning, match="interrupted run"):
+        check_output_dir(out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", user.name, alive.name])
+    # a staging folder appears under its .tmp name with its marker already inside
+    with atomic_output_dir(tmp_path / "fresh", command="test") as staging:
+        assert staging.name.endswith(".tmp") and read_marker(staging)["command"] == "test"
+        assert sorted(p.name for p in staging.iterdir()) == [MARKER]
+
+
 def test_convert_never_replaces_a_user_file_or_folder(tmp_path, capsys):
     from zmagic_jax.checkpoint_io import save_params
     from zmagic_jax.ports import is_converted_file

@@ -6,14 +6,17 @@
   the marker, the current folder or one that contains it, a place that cannot be written. Every
   command calls it before any work, so a bad ``--out`` costs nothing.
 * :func:`atomic_output_dir` builds the new content in a hidden sibling (``.NAME.PID.XXXX.tmp``,
-  marker inside from the start), then swaps it in at the end: the old output is renamed to
+  marker inside from the start: the folder is made as ``.NAME.PID.XXXX.new``, the marker written
+  into it atomically, then it is renamed to ``.tmp``), then swaps it in at the end: the old output is renamed to
   ``.NAME.old-PID``, the new one into place, the old one removed. An exception or signal
   (``KeyboardInterrupt``; the CLI turns SIGTERM into one) removes the staging folder and leaves
   the earlier output untouched.
 * A run killed outright (SIGKILL, power loss) can leave a staging or ``old`` sibling behind. The
   next check of the same path cleans them up: a sibling whose marker names a process of this host
   that no longer runs is removed, and an ``old`` sibling is put back first when the output itself
-  is missing (a kill between the two renames). Each clean-up is reported as a warning.
+  is missing (a kill between the two renames). A ``.new`` sibling of a process that no longer
+  runs holds at most the marker (a kill before the rename to ``.tmp``); it is removed too, as it
+  cannot hold anything else. Each clean-up is reported as a warning.
 * Files: :func:`atomic_write_bytes` writes through a temporary file and a rename;
   :func:`check_output_file` applies the folder rules to a single output file (``convert``).
 """
@@ -94,9 +97,30 @@ def _stale(path: Path) -> bool:
     marker = read_marker(path)
     if marker is None or marker.get("host") != socket.gethostname():
         return False
-    match = re.search(r"\.(?:old-)?(\d+)(?:\.[^.]*\.tmp)?$", path.name)
-    pid = int(match.group(1)) if match else marker.get("pid")
+    return _ended(_name_pid(path) or marker.get("pid"))
+
+
+def _name_pid(path: Path) -> Optional[int]:
+    match = re.search(r"\.(?:old-)?(\d+)(?:\.[^.]*\.(?:tmp|new))?$", path.name)
+    return int(match.group(1)) if match else None
+
+
+def _ended(pid) -> bool:
     return isinstance(pid, int) and pid != os.getpid() and not _process_alive(pid)
+
+
+def _stale_new(path: Path) -> bool:
+    """A ``.new`` folder (see the module docstring) of a process that has ended: it holds nothing
+    but the marker or the marker's temporary file, and its marker, if written, names this host."""
+    marker = read_marker(path)
+    if marker is not None and marker.get("host") != socket.gethostname():
+        return False
+    try:
+        entries = os.listdir(path)
+    except OSError:
+        return False
+    only_marker = all(e == MARKER or (e.startswith(f".{MARKER}.") and e.endswith(".tmp")) for e in entries)
+    return only_marker and _ended(_name_pid(path))
 
 
 def clean_stale_siblings(out_dir) -> list:
@@ -113,7 +137,10 @@ def clean_stale_siblings(out_dir) -> list:
         if not name.startswith(prefix) or not sibling.is_dir() or sibling.is_symlink():
             continue
         rest = name[len(prefix):]
-        if not (rest.startswith("old-") or rest.endswith(".tmp")) or not _stale(sibling):
+        if rest.endswith(".new"):
+            if not _stale_new(sibling):
+                continue
+        elif not (rest.startswith("old-") or rest.endswith(".tmp")) or not _stale(sibling):
             continue
         if rest.startswith("old-") and not os.path.lexists(out_dir):
             os.replace(sibling, out_dir)
@@ -178,6 +205,20 @@ def check_output_dir(out_dir, *, overwrite: bool = False, flag: str = "out_dir")
     return out_dir
 
 
+def _marked_staging_dir(out_dir: Path, command: Optional[str]) -> Path:
+    """The staging folder, which appears under its ``.tmp`` name with its marker already inside."""
+    new = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".new", dir=out_dir.parent))
+    try:
+        os.chmod(new, 0o777 & ~_umask())  # mkdtemp makes it private; give it a normal folder's mode
+        atomic_write_bytes(new / MARKER, (json.dumps(_marker(command), indent=1) + "\n").encode())
+        tmp = new.with_suffix(".tmp")
+        os.rename(new, tmp)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir, *, overwrite: bool = False, flag: str = "out_dir", command: Optional[str] = None):
     """Build a folder's content in a hidden sibling, then swap it into place (module docstring).
@@ -186,10 +227,8 @@ def atomic_output_dir(out_dir, *, overwrite: bool = False, flag: str = "out_dir"
     in case it changed meanwhile; a finished result that cannot be swapped in stays in its staging
     folder, which the error names."""
     out_dir = check_output_dir(out_dir, overwrite=overwrite, flag=flag)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = _marked_staging_dir(out_dir, command)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; give it a normal folder's mode
-        (tmp / MARKER).write_text(json.dumps(_marker(command), indent=1) + "\n")
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
