@@ -196,6 +196,41 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_swallowed_interrupt_still_cancels_the_run(tmp_path, monkeypatch, sig):
+    """Python only prints a KeyboardInterrupt raised inside a gc callback or a destructor ("Exception
+    ignored"): the run goes on, but it must not swap its output in, and it still ends interrupted."""
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    out = previous_output(tmp_path / "demo")
+
+    def swallowed(args):
+        with atomic_output_dir(args.out, overwrite=True) as staging:
+            (staging / "report.json").write_text("new run")
+            try:
+                os.kill(os.getpid(), sig)
+                time.sleep(5)  # the handler interrupts this
+            except KeyboardInterrupt:
+                pass  # what a gc callback does with it
+        return 0
+    monkeypatch.setattr(cli, "_demo", swallowed)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="interrupted"):
+            cli.main(["demo", "--out", str(out), "--overwrite"])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"] and (out / "report.json").read_text() == "earlier run"
+
+    def plain(args):  # the cancel is not carried over: the next run commits
+        with atomic_output_dir(args.out, overwrite=True) as staging:
+            (staging / "report.json").write_text("next run")
+        return 0
+    monkeypatch.setattr(cli, "_demo", plain)
+    assert cli.main(["demo", "--out", str(out), "--overwrite"]) == 0
+    assert (out / "report.json").read_text() == "next run"
+
+
 def _start_demo(out):
     args = [sys.executable, "-m", "zmagic_jax.cli", "demo", "--out", str(out), "--overwrite", "--no-digits",
             "--dims", "2", "--samples", "16", "--steps", "2"]

@@ -9,15 +9,19 @@
   marker inside from the start: the folder is made as ``.NAME.PID.XXXX.new``, the marker written
   into it atomically, then it is renamed to ``.tmp``), then swaps it in at the end: the old output is renamed to
   ``.NAME.old-PID``, the new one into place, the old one removed. An exception or signal
-  (``KeyboardInterrupt``; the CLI turns SIGTERM into one) removes the staging folder and leaves
-  the earlier output untouched.
+  (``KeyboardInterrupt``) removes the staging folder and leaves the earlier output untouched.
+  Under :func:`interrupts_cancel_outputs` (the CLI runs every command in it) SIGINT and SIGTERM
+  also mark the run as cancelled before raising, and a cancelled run never swaps its output in:
+  a ``KeyboardInterrupt`` that Python swallows (one raised inside a garbage-collection callback
+  or a destructor is only printed as "Exception ignored") still stops the commit.
 * A run killed outright (SIGKILL, power loss) can leave a staging or ``old`` sibling behind. The
   next check of the same path cleans them up: a sibling whose marker names a process of this host
   that no longer runs is removed, and an ``old`` sibling is put back first when the output itself
   is missing (a kill between the two renames). A ``.new`` sibling of a process that no longer
   runs holds at most the marker (a kill before the rename to ``.tmp``); it is removed too, as it
   cannot hold anything else. Each clean-up is reported as a warning.
-* Files: :func:`atomic_write_bytes` writes through a temporary file and a rename;
+* Files: :func:`atomic_write_bytes` writes through a temporary file and a rename (none after a
+  cancelling signal);
   :func:`check_output_file` applies the folder rules to a single output file (``convert``).
 """
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 MARKER = ".zmagic-output.json"
+_cancelled: Optional[int] = None  # the signal that cancelled this run (interrupts_cancel_outputs)
 
 
 class OutputError(ValueError):
@@ -56,6 +61,8 @@ def atomic_write_bytes(path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
+        if _cancelled is not None:  # interrupts_cancel_outputs: a cancelled run writes nothing
+            raise KeyboardInterrupt(f"signal {_cancelled}: the run was interrupted; {path} is not written")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -220,6 +227,46 @@ def _marked_staging_dir(out_dir: Path, command: Optional[str]) -> Path:
 
 
 @contextlib.contextmanager
+def interrupts_cancel_outputs():
+    """Within this block SIGINT and SIGTERM cancel the run: the handler records the signal, then
+    raises ``KeyboardInterrupt``; :func:`atomic_output_dir` refuses to commit after a recorded
+    signal, even when the exception was swallowed on its way up. A SIGINT that is ignored
+    (``nohup``, background jobs) or handled by the caller is left as it is. Main thread only;
+    elsewhere this does nothing. The previous handlers are restored on exit."""
+    import signal
+    import threading
+
+    global _cancelled
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def cancel(signum, frame):
+        global _cancelled
+        _cancelled = signum
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    wanted = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is signal.default_int_handler
+                                 else [])
+    _cancelled = None
+    previous = {sig: signal.signal(sig, cancel) for sig in wanted}
+    try:
+        yield
+        if _cancelled is not None:  # swallowed on the way up: the run still ends as interrupted
+            raise KeyboardInterrupt(f"signal {_cancelled}")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _cancelled = None
+
+
+def _refuse_if_cancelled(tmp: Path) -> None:
+    if _cancelled is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise KeyboardInterrupt(f"signal {_cancelled}: the run was interrupted; its output is not kept")
+
+
+@contextlib.contextmanager
 def atomic_output_dir(out_dir, *, overwrite: bool = False, flag: str = "out_dir", command: Optional[str] = None):
     """Build a folder's content in a hidden sibling, then swap it into place (module docstring).
 
@@ -233,11 +280,13 @@ def atomic_output_dir(out_dir, *, overwrite: bool = False, flag: str = "out_dir"
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _refuse_if_cancelled(tmp)
     try:
         check_output_dir(out_dir, overwrite=overwrite, flag=flag)
     except OutputError as err:
         raise OutputError(f"{err} The finished output is kept in {tmp}.") from err
     old = None
+    _refuse_if_cancelled(tmp)  # the check above takes time: a signal may have landed meanwhile
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, old)

@@ -274,9 +274,8 @@ def _add_demo(sub) -> None:
 
 
 def main(argv=None) -> int:
-    import signal
-
     from zmagic_jax import __version__
+    from zmagic_jax._io import interrupts_cancel_outputs
 
     parser = argparse.ArgumentParser(prog="zmagic", formatter_class=HelpFormatter,
                                      description="Zero-shot multi-attribute guided diffusion: FreeDoM and Z-Magic "
@@ -290,23 +289,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     commands = {"demo": _demo, "text-style": _text_style, "face": run_face, "convert": run_convert}
 
-    def terminate(signum, frame):  # SIGTERM cleans up like Ctrl-C: no half-written output is left
-        raise KeyboardInterrupt(f"signal {signum}")
-    previous = signal.signal(signal.SIGTERM, terminate) if _main_thread() else None
-    try:
-        return commands[args.command](args)
+    try:  # Ctrl-C and SIGTERM cancel the run: no half-written output is left, nothing is swapped in
+        with interrupts_cancel_outputs():
+            return commands[args.command](args)
     except ValueError as err:
         parser.exit(2, f"zmagic {args.command}: error: {err}\n")
     except FloatingPointError as err:
         parser.exit(1, f"zmagic {args.command}: error: {err}\n")
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":
