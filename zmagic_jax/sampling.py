@@ -48,7 +48,7 @@ def time_travel(repeats: int, start: Optional[int] = None, stop: Optional[int] =
     After each of the first ``repeats - 1`` passes the result ``x_next`` is sent back to level
     ``t`` by the forward process, ``x_t = sqrt(a) x_next + sqrt(1 - a) z`` with
     ``a = ab_t / ab_next`` and fresh ``z``, and the step is taken again; the last pass is kept.
-    ``repeats = 1`` is plain sampling. FreeDoM's Stable Diffusion style recipe uses 3 repeats on
+    ``repeats = 1`` is plain sampling (the same program, so bit for bit the same samples). FreeDoM's Stable Diffusion style recipe uses 3 repeats on
     DDIM indices 40..69 of 100 steps (``start=699, stop=399``).
     """
     if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
@@ -115,7 +115,7 @@ def step(key, x, ctx: StepContext, *, denoiser: Denoiser, scheme, sampler: Sampl
     last pass is returned, with ``finite`` accumulated over all passes. ``skip_inactive``: see
     :func:`~zmagic_jax.direction`.
     """
-    if time_travel is None:
+    if time_travel is None or time_travel.repeats == 1:  # static: one pass is the plain step's own program
         return _plain_step(key, x, ctx, denoiser, scheme, sampler, detail, skip_inactive)
     repeats = jnp.where((ctx.t <= time_travel.start) & (ctx.t > time_travel.stop), time_travel.repeats, 1)
     a = ctx.alpha_bar / ctx.alpha_bar_next
