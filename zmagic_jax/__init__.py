@@ -9,7 +9,30 @@ Everything is data: a :class:`Denoiser` carries its weights, a :class:`Condition
 parameters and a :class:`StepRule` whose numbers are leaves, a scheme its conditions and its own
 ``direction`` method. :func:`step` and :func:`sample_chain` are pure kernels for your own
 ``jit`` / ``vmap`` / ``grad``; :func:`sample` is the jitted, batched, sharded convenience.
+AMDM (several models sampled together, their states aggregated) has the same three layers:
+:func:`aggregate_step`, :func:`aggregate_chain`, :func:`aggregate_sample`.
 """
+from zmagic_jax.aggregation import (
+    AggregateContext,
+    AggregateInfo,
+    AggregateState,
+    Aggregated,
+    Aggregation,
+    DenoiserStack,
+    aggregate_chain,
+    aggregate_sample,
+    aggregate_states,
+    aggregate_step,
+    aggregation,
+    aggregation_contexts,
+    deviate,
+    level_mu,
+    release_steps,
+    released_mu,
+    released_weights,
+    slerp,
+    stack_denoisers,
+)
 from zmagic_jax.contracts import Denoiser, Energy, static_partial
 from zmagic_jax.geometry import energy_curves, guided_cosines, loss_landscape, mean_guided_cosine
 from zmagic_jax.samplers import (

@@ -85,17 +85,24 @@ def _keep_info(x_next, info):
 def _substep(sub: Sampler, x, ctx, noise, denoiser, scheme, detail, skip):
     eps, d, info = direction(x, ctx, noise, scheme=scheme, denoiser=denoiser, sampler=sub, detail=detail,
                              skip_inactive=skip)
-    return (sub.mean(x, eps, ctx) + d + noise).astype(x.dtype), info
+    return (sub.mean(x, eps, ctx) + d + noise).astype(x.dtype), info, eps
 
 
-def _plain_step(key, x, ctx, denoiser, scheme, sampler, detail, skip):
+def plain_step_eps(key, x, ctx, denoiser, scheme, sampler, detail=False, skip=True):
+    """:func:`step` without time travel, also returning the noise prediction of its main step:
+    ``(x_next, info, eps)`` (what multi-model samplers store, e.g. AMDM's posterior mean)."""
     keys = jax.random.split(key, sampler.corrector_steps + 1)
     for sub_key in keys[:-1]:
         sub = sampler.corrector(ctx)
         noise = sub.noise_std(ctx) * jax.random.normal(sub_key, x.shape, x.dtype)
-        x, _ = _substep(sub, x, ctx, noise, denoiser, scheme, detail, skip)
+        x, _, _ = _substep(sub, x, ctx, noise, denoiser, scheme, detail, skip)
     noise = sampler.noise_std(ctx) * jax.random.normal(keys[-1], x.shape, x.dtype)
     return _substep(sampler, x, ctx, noise, denoiser, scheme, detail, skip)
+
+
+def _plain_step(key, x, ctx, denoiser, scheme, sampler, detail, skip):
+    x_next, info, _ = plain_step_eps(key, x, ctx, denoiser, scheme, sampler, detail, skip)
+    return x_next, info
 
 
 def step(key, x, ctx: StepContext, *, denoiser: Denoiser, scheme, sampler: Sampler,
