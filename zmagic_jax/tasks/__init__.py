@@ -1,4 +1,13 @@
 """Task recipes: conditions, energies and exact references for a setting."""
+from zmagic_jax.tasks._aggregate import (
+    AggregateResult,
+    AggregateSettings,
+    aggregate_report,
+    check_compatible,
+    load_aggregate_models,
+    run_aggregate,
+    save_aggregate,
+)
 from zmagic_jax.tasks._testbed import (
     LinearMeasurement,
     Testbed,

@@ -90,6 +90,16 @@ def check_choice(value, choices: Sequence, who: str, name: str):
     return value
 
 
+def check_latent_size(value, who: str):
+    """``None`` or two positive integers ``(h, w)``, as a tuple of ints."""
+    if value is None:
+        return None
+    size = tuple(value)
+    if len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in size):
+        raise ValueError(f"{who}: latent_size must be None or two positive integers (h, w); got {value!r}.")
+    return tuple(int(v) for v in size)
+
+
 def check_nan_policy(value, who: str) -> str:
     return check_choice(value, NAN_POLICIES, who, "nan_policy")
 

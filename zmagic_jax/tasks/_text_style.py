@@ -42,9 +42,9 @@ from zmagic_jax.sampling import time_travel
 from zmagic_jax.schemes import condition
 from zmagic_jax.step_rules import cfg_relative_rule, freedom_rule
 from zmagic_jax.tasks._outputs import load_image, save_png, to_uint8
-from zmagic_jax.tasks._recipe import (PROGRAMS, Programs, check_choice, check_finite, check_int, check_nan_policy,
-                                      check_positive, check_seeds, check_window, contribution_norms, model_grid,
-                                      sample_seeds, sampler_by_name, scheme_by_name, seed_keys, skips)
+from zmagic_jax.tasks._recipe import (PROGRAMS, Programs, check_choice, check_finite, check_int, check_latent_size,
+                                      check_nan_policy, check_positive, check_seeds, check_window, contribution_norms,
+                                      model_grid, sample_seeds, sampler_by_name, scheme_by_name, seed_keys, skips)
 
 TEXT_STYLE_SCHEMES = ("none", "independent", "dependent", "multi")
 METRICS = ("content_loss", "style_loss", "text_distance")
@@ -122,12 +122,7 @@ class TextStyleSettings:
                     or not isinstance(stop, (int, np.integer)) or start <= stop:
                 raise ValueError(f"{who}: the {label} window stop < t <= start needs integers with start > stop; "
                                  f"got start={start!r}, stop={stop!r}.")
-        if self.latent_size is not None:
-            size = tuple(self.latent_size)
-            if len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in size):
-                raise ValueError(f"{who}: latent_size must be None or two positive integers (h, w); "
-                                 f"got {self.latent_size!r}.")
-            object.__setattr__(self, "latent_size", tuple(int(v) for v in size))
+        object.__setattr__(self, "latent_size", check_latent_size(self.latent_size, who))
         sampler_by_name(self.sampler)
         check_nan_policy(self.nan_policy, who)
 

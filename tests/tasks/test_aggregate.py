@@ -1,0 +1,108 @@
+"""``zmagic aggregate`` (AMDM on Stable Diffusion folders) end to end on tiny random SD folders of the
+real architecture: release defaults, one folder with two prompts, mismatched models, outputs."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import zmagic_jax as zm
+from zmagic_jax import cli
+from zmagic_jax._io import MARKER
+from zmagic_jax.tasks import AggregateSettings, load_aggregate_models, run_aggregate
+from zmagic_jax.tasks._recipe import Programs
+
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_sd_dirs, tmp_path_factory):
+    """The shared tiny SD, a second one of the same architecture (other weights) and one whose
+    schedule differs."""
+    from experiments.tiny_models import save_tiny_stable_diffusion
+
+    root = tmp_path_factory.mktemp("amdm")
+    other = save_tiny_stable_diffusion(root / "other", seed=5)["path"]
+    shifted = root / "shifted"
+    shutil.copytree(tiny_sd_dirs["path"], shifted)
+    config_path = shifted / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(dict(config, beta_end=0.02)))
+    return {"first": tiny_sd_dirs["path"], "other": other, "shifted": shifted}
+
+
+@pytest.fixture(scope="module")
+def programs():
+    return Programs()
+
+
+def test_two_folders_with_the_release_defaults(folders, programs, tmp_path):
+    settings = AggregateSettings(prompts=("lower newer", "newer lower"), num_steps=STEPS, seeds=(0, 1),
+                                 window=(1, 2))
+    models = load_aggregate_models([folders["first"], folders["other"]], 2)
+    result = run_aggregate(models, settings, programs=programs, compiler_options=FAST)
+    h = models[0].sample_size
+    assert result.weights == (0.5,)
+    np.testing.assert_allclose(result.steps, zm.release_steps(2, (4, h, h)))
+    np.testing.assert_array_equal(result.trace.aggregated[0], [False, True, True, False, False])
+    assert result.latents.shape == (2, 2, 4, h, h) and result.images.shape[:2] == (2, 2)
+    assert result.mixed_images.shape == result.images.shape[:1] + result.images.shape[2:]
+    assert np.all(np.isfinite(result.latents)) and np.all(np.abs(result.images) <= 1)
+    assert np.max(np.abs(result.latents[:, 0] - result.latents[:, 1])) > 1e-3  # two models, two states
+    assert np.max(np.abs(result.latents[0] - result.latents[1])) > 1e-3        # two seeds
+    # the merged state of the last step, released rule: w x1' + sqrt(1 - w^2) x2' of the final states
+    # (the last step is outside the window, so each model's final state is its own step)
+    np.testing.assert_allclose(result.mixed, 0.5 * result.latents[:, 0] + np.sqrt(0.75) * result.latents[:, 1],
+                               rtol=1e-5, atol=2e-4)  # float32 round-off of latents ~10
+    # the seeds in the other order (the same compiled program): the same images, bit for bit
+    # (seed s depends on PRNGKey(s) alone)
+    again = run_aggregate(models, AggregateSettings(prompts=settings.prompts, num_steps=STEPS, seeds=(1, 0),
+                                                    window=(1, 2)), programs=programs, compiler_options=FAST)
+    np.testing.assert_array_equal(again.latents[::-1], result.latents)
+
+
+def test_cli_one_folder_two_prompts_writes_every_output(folders, programs, tmp_path, monkeypatch, capsys):
+    from zmagic_jax.tasks import _aggregate
+
+    real = _aggregate.run_aggregate
+    monkeypatch.setattr("zmagic_jax.tasks.run_aggregate",
+                        lambda models, settings: real(models, settings, programs=programs, compiler_options=FAST))
+    out = tmp_path / "amdm"
+    code = cli.main(["aggregate", "--sd", str(folders["first"]), "--prompt", "lower newer", "--prompt", "a b",
+                     "--steps", str(STEPS), "--seeds", "3", "4", "--p", "0.5", "0.25", "--window", "1", "3",
+                     "--out", str(out)])  # the program of the test above: only leaves differ
+    assert code == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([MARKER, "grid.png", "metrics.json"] + [f"seed{s}_{m}.png" for s in (3, 4)
+                                                                     for m in ("model1", "model2", "merged")])
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["settings"]["prompts"] == ["lower newer", "a b"] and report["steps"] == [0.5, 0.25]
+    assert [s["aggregated"] for s in report["per_step"]] == [False, True, True, True, False]
+    assert all(len(s["mean_distance_mu_to_merge"]) == 2 for s in report["per_step"])
+    printed = capsys.readouterr().out
+    assert "AMDM (released rule" in printed and "wrote" in printed
+    # a second run into the same folder needs --overwrite
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["aggregate", "--sd", str(folders["first"]), "--prompt", "x", "--prompt", "y", "--out", str(out)])
+    assert exit_info.value.code == 2
+
+
+def test_mismatched_models_are_named(folders):
+    with pytest.raises(ValueError, match=r"model 1 \(.*\) and model 2 \(.*shifted\) have different noise schedules"):
+        load_aggregate_models([folders["first"], folders["shifted"]], 2)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt", "only one"], "--prompt: .*two or more"),
+    (["--prompt", "a", "--prompt", "b", "--p", "1"], "--p: .*2 numbers"),
+    (["--prompt", "a", "--prompt", "b", "--weights", "1.5"], "--weights: .*in \\[0, 1\\]"),
+    (["--prompt", "a", "--prompt", "b", "--window", "0", "0"], "--window: "),
+])
+def test_bad_flags_are_named(folders, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["aggregate", "--sd", str(folders["first"]), *flags, "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    import re
+    assert re.search(message, capsys.readouterr().err), message
+    assert not (tmp_path / "o").exists()
