@@ -231,10 +231,29 @@ def test_a_swallowed_interrupt_still_cancels_the_run(tmp_path, monkeypatch, sig)
     assert (out / "report.json").read_text() == "next run"
 
 
+def test_an_ignored_sigint_stays_ignored():
+    """nohup / background jobs ignore SIGINT on purpose: the CLI's handlers leave it so (SIGTERM
+    still cancels)."""
+    from zmagic_jax._io import interrupts_cancel_outputs
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts_cancel_outputs():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _start_demo(out):
     args = [sys.executable, "-m", "zmagic_jax.cli", "demo", "--out", str(out), "--overwrite", "--no-digits",
             "--dims", "2", "--samples", "16", "--steps", "2"]
-    return subprocess.Popen(args, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+    # As from a terminal: SIGINT at its default. A shell that starts a job in the background (CI
+    # runners, `cmd &`) sets it to "ignore", every child inherits that, and the CLI rightly leaves an
+    # ignored SIGINT alone (nohup), so Ctrl-C would never reach the demo.
+    return subprocess.Popen(args, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(predicate, timeout=240.0):
