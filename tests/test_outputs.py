@@ -247,13 +247,16 @@ def test_an_ignored_sigint_stays_ignored():
 
 
 def _start_demo(out):
-    args = [sys.executable, "-m", "zmagic_jax.cli", "demo", "--out", str(out), "--overwrite", "--no-digits",
-            "--dims", "2", "--samples", "16", "--steps", "2"]
-    # As from a terminal: SIGINT at its default. A shell that starts a job in the background (CI
-    # runners, `cmd &`) sets it to "ignore", every child inherits that, and the CLI rightly leaves an
-    # ignored SIGINT alone (nohup), so Ctrl-C would never reach the demo.
-    return subprocess.Popen(args, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # As from a terminal: SIGINT handled by Python's default handler. A shell that starts a job in
+    # the background (CI runners, `cmd &`) sets SIGINT to "ignore", every child inherits that, and
+    # the CLI rightly leaves an ignored SIGINT alone (nohup), so Ctrl-C would never reach the demo.
+    # (Set in the child's Python, not by a preexec_fn: forking a multithreaded JAX process is unsafe.)
+    cli_args = ["demo", "--out", str(out), "--overwrite", "--no-digits", "--dims", "2", "--samples", "16",
+                "--steps", "2"]
+    code = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            f"sys.argv = ['zmagic'] + {cli_args!r}; runpy.run_module('zmagic_jax.cli', run_name='__main__')")
+    return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            start_new_session=True)
 
 
 def _wait_for(predicate, timeout=240.0):
