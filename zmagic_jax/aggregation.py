@@ -108,9 +108,9 @@ def aggregation(steps, weights=0.5, *, window=(1, 3), rule: str = "released", mu
     if rule == "released" and k > 3:
         raise ValueError(f"aggregation: the released rule is defined for 2 or 3 models; got {k} step lengths. Use "
                          "rule='slerp' (nested) or 'mean' for more models.")
-    for i in range(k):
-        if concrete(steps) is not None:
-            check_scalar(concrete(steps)[i], "aggregation", f"steps[{i}]")
+    known = concrete(steps)
+    for i in range(k if known is not None else 0):
+        check_scalar(known[i], "aggregation", f"steps[{i}]")
     weights = jnp.asarray(weights, jnp.result_type(float))
     if weights.ndim == 0:
         weights = jnp.full((max(k - 1, 0),), weights)
@@ -240,11 +240,16 @@ def level_mu(x, eps, ctx: StepContext):
 def deviate(xbar, mu, p):
     """``xbar + p (mu - xbar) / |mu - xbar|`` for one sample (the norm over the whole sample);
     ``xbar`` itself where ``mu == xbar`` (no direction) or ``p == 0``."""
+    return _deviation(xbar, mu, p)[0]
+
+
+def _deviation(xbar, mu, p):
+    """:func:`deviate` and the distance ``|mu - xbar|`` it normalises by, from one reduction."""
     diff = mu - xbar
     square = jnp.sum(diff * diff)
     moves = square > 0
     scale = jnp.where(moves, p / jnp.sqrt(jnp.where(moves, square, 1.0)), 0.0)  # finite gradients at mu == xbar
-    return (xbar + scale.astype(xbar.dtype) * diff).astype(xbar.dtype)
+    return (xbar + scale.astype(xbar.dtype) * diff).astype(xbar.dtype), jnp.sqrt(square)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,9 +381,8 @@ def aggregate_step(keys, state: AggregateState, actx: AggregateContext, *, denoi
         mu = jax.vmap(level_mu, in_axes=(0, 0, None))(state.x, eps, ctx)
     inside = (ctx.index >= jnp.maximum(aggregation.first, 1)) & (ctx.index <= aggregation.last)
     steps = aggregation.steps.astype(x_new.dtype)
-    moved = jax.vmap(deviate, in_axes=(None, 0, 0))(xbar, mu, steps)
+    moved, distance = jax.vmap(_deviation, in_axes=(None, 0, 0))(xbar, mu, steps)
     x_next = jnp.where(inside, moved, x_new)
-    distance = jax.vmap(lambda m: jnp.sqrt(jnp.sum(jnp.square(m - xbar))))(mu)
     return AggregateState(x_next, eps), AggregateInfo(inside, xbar, distance, infos)
 
 
