@@ -86,7 +86,7 @@ def _save_tensors(path: Path, tensors: dict) -> None:
               metadata={"format": "pt"})
 
 
-def save_clip_tokenizer(folder, vocab, merges, *, pad_token="<|endoftext|>") -> None:
+def save_clip_tokenizer(folder, vocab, merges, *, pad_token="<|endoftext|>", model_max_length: int = 77) -> None:
     """A CLIP tokenizer folder as transformers saves one: vocab.json, merges.txt,
     tokenizer_config.json and special_tokens_map.json."""
     folder = Path(folder)
@@ -95,9 +95,34 @@ def save_clip_tokenizer(folder, vocab, merges, *, pad_token="<|endoftext|>") -> 
     (folder / "merges.txt").write_text("\n".join(merges) + "\n")
     special = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
                    pad_token=pad_token)
-    _write_json(folder / "tokenizer_config.json", dict(special, model_max_length=77,
+    _write_json(folder / "tokenizer_config.json", dict(special, model_max_length=model_max_length,
                                                        tokenizer_class="CLIPTokenizer"))
     _write_json(folder / "special_tokens_map.json", special)
+
+
+def save_sd_folder(root, *, unet: dict, unet_params, text: dict, text_params, vocab, merges, scheduler: dict,
+                   vae: dict = None, vae_params=None, model_max_length: int = 77) -> Path:
+    """Write a diffusers-format Stable Diffusion folder at ``root`` from Flax params: ``unet/``,
+    ``text_encoder/`` (``text_params`` of the text tower), ``tokenizer/`` (``vocab``, ``merges``),
+    ``scheduler/`` and, when ``vae`` is given, ``vae/`` (a pixel-space model has none). Configs
+    are the diffusers / transformers ``config.json`` dicts."""
+    from zmagic_jax.models._autoencoder_kl import vae_config_from_dict
+    from zmagic_jax.models._clip import clip_torch_state_dict
+    from zmagic_jax.models._sd_convert import unet_torch_state_dict, vae_torch_state_dict
+    from zmagic_jax.models._unet2d import unet_config_from_dict
+
+    root = Path(root)
+    parts = [("unet", unet, unet_torch_state_dict(unet_params, unet_config_from_dict(unet, file="unet config")))]
+    if vae is not None:
+        parts.append(("vae", vae, vae_torch_state_dict(vae_params, vae_config_from_dict(vae, file="vae config"))))
+    for sub, config, tensors in parts:
+        _write_json(root / sub / "config.json", config)
+        _save_tensors(root / sub / "diffusion_pytorch_model.safetensors", tensors)
+    _write_json(root / "text_encoder" / "config.json", text)
+    _save_tensors(root / "text_encoder" / "model.safetensors", clip_torch_state_dict({"text_model": text_params}))
+    save_clip_tokenizer(root / "tokenizer", vocab, merges, model_max_length=model_max_length)
+    _write_json(root / "scheduler" / "scheduler_config.json", scheduler)
+    return root
 
 
 def save_tiny_stable_diffusion(root, seed: int = 0, *, prediction_type: str = "epsilon", unet: dict = TINY_UNET,
@@ -107,9 +132,8 @@ def save_tiny_stable_diffusion(root, seed: int = 0, *, prediction_type: str = "e
     folder with safetensors weights at ``root``. Returns ``{"path": root, "unet", "vae", "text":
     the Flax params written}``."""
     from zmagic_jax.models._autoencoder_kl import vae_config_from_dict
-    from zmagic_jax.models._clip import clip_configs_from_dict, clip_param_shapes, clip_torch_state_dict
-    from zmagic_jax.models._sd_convert import (unet_param_shapes, unet_torch_state_dict, vae_param_shapes,
-                                               vae_torch_state_dict)
+    from zmagic_jax.models._clip import clip_configs_from_dict, clip_param_shapes
+    from zmagic_jax.models._sd_convert import unet_param_shapes, vae_param_shapes
     from zmagic_jax.models._unet2d import unet_config_from_dict
 
     root = Path(root)
@@ -118,16 +142,11 @@ def save_tiny_stable_diffusion(root, seed: int = 0, *, prediction_type: str = "e
     text_config, _, _ = clip_configs_from_dict(text, file="text config")
     unet_params = random_tree(unet_param_shapes(unet_config), seed)
     vae_params = random_tree(vae_param_shapes(vae_config), seed + 1)
-    text_params = random_tree(clip_param_shapes(text_config, None, None), seed + 2)
-    for sub, config, tensors in (("unet", unet, unet_torch_state_dict(unet_params, unet_config)),
-                                 ("vae", vae, vae_torch_state_dict(vae_params, vae_config))):
-        _write_json(root / sub / "config.json", config)
-        _save_tensors(root / sub / "diffusion_pytorch_model.safetensors", tensors)
-    _write_json(root / "text_encoder" / "config.json", text)
-    _save_tensors(root / "text_encoder" / "model.safetensors", clip_torch_state_dict(text_params))
-    save_clip_tokenizer(root / "tokenizer", SD_VOCAB, SD_MERGES)
-    _write_json(root / "scheduler" / "scheduler_config.json", dict(TINY_SCHEDULER, prediction_type=prediction_type))
-    return dict(path=root, unet=unet_params, vae=vae_params, text=text_params)
+    text_params = random_tree(clip_param_shapes(text_config, None, None), seed + 2)["text_model"]
+    save_sd_folder(root, unet=unet, unet_params=unet_params, text=text, text_params=text_params, vocab=SD_VOCAB,
+                   merges=SD_MERGES, scheduler=dict(TINY_SCHEDULER, prediction_type=prediction_type), vae=vae,
+                   vae_params=vae_params)
+    return dict(path=root, unet=unet_params, vae=vae_params, text={"text_model": text_params})
 
 
 def tiny_clip_config(tokenizer_size: int = len(CLIP_VOCAB)) -> dict:

@@ -12,6 +12,11 @@ import pytest  # noqa: E402
 
 import zmagic_jax as zm  # noqa: E402
 
+# XLA options of the programs the SD / face / text-style tests compile: optimisation level 0
+# compiles those programs several times faster, and they run a few times each. (Not for the
+# digits task: its programs run long enough that level 0 makes the file slower overall.)
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
 
 def _mlp_apply(params, x, t):
     w1, b1, w2, wt = params

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.conftest import FAST_COMPILE
 import zmagic_jax as zm
 from zmagic_jax.energies import clip_style_energy, load_clip
 from zmagic_jax.models import StableDiffusion, decode_latents, encode_prompt, latent_denoiser, load_stable_diffusion
@@ -64,11 +65,10 @@ def latent_setup(tiny_sd_dirs, tiny_clip_dirs):
 
 # XLA's optimising CPU compile of these double-differentiated graphs takes minutes; without the
 # expensive passes it takes seconds (numerics are unchanged in kind: still float64).
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _compile(fn, *args):
-    return jax.jit(fn).lower(*args).compile(compiler_options=_FAST_COMPILE)
+    return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)
 
 
 def _context(sampler, sd, index=45):

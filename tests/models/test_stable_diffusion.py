@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.conftest import FAST_COMPILE
 import zmagic_jax as zm
 from experiments.make_parity_fixtures import SD_TINY_BIN_DIR, save_sd_tiny_bin_safetensors
-from experiments.tiny_models import save_tiny_stable_diffusion
+from experiments.tiny_models import TINY_UNET, save_tiny_stable_diffusion
 from tests.references import torch_reference
 from zmagic_jax.models import (
     decode_latents,
@@ -50,11 +51,10 @@ IMAGE = np.random.default_rng(5).uniform(-1, 1, (16, 16, 3)).astype(np.float32)
 
 # Eager op-by-op UNet execution and XLA's optimising CPU compile each cost tens of seconds
 # here; a compile without the expensive LLVM passes keeps the suite fast (results still float32).
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _compile(fn, *args):
-    return jax.jit(fn).lower(*args).compile(compiler_options=_FAST_COMPILE)
+    return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)
 
 
 def _denoise(den, x, t):
@@ -475,3 +475,67 @@ def test_bad_remat_is_rejected(sd, remat):
         decode_latents(sd, jnp.zeros((4, 8, 8)), remat=remat)
     with pytest.raises(ValueError, match="encode_image: remat"):
         encode_image(sd, np.zeros((16, 16, 3), np.float32), remat=remat)
+
+
+# --- pixel-space folders and conditioning channels ---------------------------------------------------
+
+PIXEL_UNET = dict(TINY_UNET, in_channels=2, out_channels=1, sample_size=8)
+
+
+@pytest.fixture(scope="module")
+def pixel_sd(tmp_path_factory, tiny_sd_dirs):
+    """A folder without vae/ whose UNet takes one conditioning channel after the 1-channel sample
+    (the embedded layout model's shape), text encoder and tokenizer of the tiny SD."""
+    from experiments.tiny_models import SD_MERGES, SD_VOCAB, TINY_SCHEDULER, TINY_SD_TEXT, random_tree, save_sd_folder
+    from zmagic_jax.models._sd_convert import unet_param_shapes
+    from zmagic_jax.models._unet2d import unet_config_from_dict
+    params = random_tree(unet_param_shapes(unet_config_from_dict(PIXEL_UNET, file="pixel")), 7)
+    root = save_sd_folder(tmp_path_factory.mktemp("pixel") / "sd", unet=PIXEL_UNET, unet_params=params,
+                          text=TINY_SD_TEXT, text_params=tiny_sd_dirs["text"]["text_model"], vocab=SD_VOCAB,
+                          merges=SD_MERGES, scheduler=TINY_SCHEDULER)
+    return load_stable_diffusion(root)
+
+
+def test_a_folder_without_vae_is_a_pixel_space_model(pixel_sd):
+    sd = pixel_sd
+    assert sd.vae is None and sd.vae_params is None and sd.vae_scaling_factor == 1.0
+    assert (sd.latent_channels, sd.extra_channels) == (1, 1)
+    z = _latent(3, (1, 8, 8))
+    image = decode_latents(sd, z)
+    np.testing.assert_array_equal(np.asarray(image), np.transpose(z, (1, 2, 0)))
+    np.testing.assert_array_equal(np.asarray(encode_image(sd, image)), z)
+    with pytest.raises(ValueError, match=r"encode_image: image must be one \(H, W, 1\)"):
+        encode_image(sd, np.zeros((8, 8, 3), np.float32))
+
+
+def test_conditioning_channels_follow_the_latent_in_each_branch(pixel_sd):
+    sd = pixel_sd
+    cond, uncond = (np.random.default_rng(s).standard_normal((77, 32)).astype(np.float32) for s in (1, 2))
+    x = _latent(4, (1, 8, 8))
+    layouts = np.random.default_rng(6).uniform(0, 1, (2, 1, 8, 8)).astype(np.float32)  # [uncond, cond]
+
+    def unet(extra, context):  # the UNet by hand on the channel-concatenated input
+        inp = np.concatenate([x, extra], 0).transpose(1, 2, 0)[None]
+        return np.asarray(sd.unet.apply({"params": sd.unet_params}, inp, jnp.full((1,), T), context[None]))[0]
+
+    e_u, e_c = unet(layouts[0], uncond), unet(layouts[1], cond)
+    for extra, want in ((layouts, e_u + W * (e_c - e_u)),                                  # a layout per branch
+                        (layouts[1], unet(layouts[1], uncond) + W * (e_c - unet(layouts[1], uncond)))):  # shared
+        den = latent_denoiser(sd, cond, uncond, jnp.float32(W), extra=extra)
+        got = np.asarray(den(jnp.asarray(x), jnp.int32(T)))
+        assert _rel_err(got, want.transpose(2, 0, 1)) < 1e-5
+    correction = latent_cfg_correction(sd, cond, uncond, jnp.float32(W), extra=layouts)
+    assert _rel_err(correction(jnp.asarray(x), jnp.int32(T)), (W * (e_c - e_u)).transpose(2, 0, 1)) < 1e-5
+
+
+def test_conditioning_channel_errors_name_the_fix(pixel_sd, sd):
+    emb = jnp.zeros((77, 32), jnp.float32)
+    with pytest.raises(ValueError, match=r"takes 1 conditioning channel.*pass extra="):
+        latent_denoiser(pixel_sd, emb, emb, jnp.float32(1.0))
+    with pytest.raises(ValueError, match=r"extra must be a float array \(1, h, w\) or \(2, 1, h, w\)"):
+        latent_denoiser(pixel_sd, emb, emb, jnp.float32(1.0), extra=np.zeros((3, 8, 8), np.float32))
+    with pytest.raises(ValueError, match=r"this UNet takes none.*leave extra=None"):
+        latent_denoiser(sd, emb, emb, jnp.float32(1.0), extra=np.zeros((1, 8, 8), np.float32))
+    den = latent_denoiser(pixel_sd, emb, emb, jnp.float32(1.0), extra=np.zeros((1, 4, 4), np.float32))
+    with pytest.raises(ValueError, match=r"conditioning channels \(1, 4, 4\) must have the latent's size \(8, 8\)"):
+        den(jnp.zeros((1, 8, 8)), jnp.int32(3))

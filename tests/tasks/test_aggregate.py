@@ -6,13 +6,13 @@ import shutil
 import numpy as np
 import pytest
 
+from tests.conftest import FAST_COMPILE
 import zmagic_jax as zm
 from zmagic_jax import cli
 from zmagic_jax._io import MARKER
 from zmagic_jax.tasks import AggregateSettings, load_aggregate_models, run_aggregate
 from zmagic_jax.tasks._recipe import Programs
 
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 STEPS = 5
 
 
@@ -41,7 +41,7 @@ def test_two_folders_with_the_release_defaults(folders, programs, tmp_path):
     settings = AggregateSettings(prompts=("lower newer", "newer lower"), num_steps=STEPS, seeds=(0, 1),
                                  window=(1, 2))
     models = load_aggregate_models([folders["first"], folders["other"]], 2)
-    result = run_aggregate(models, settings, programs=programs, compiler_options=FAST)
+    result = run_aggregate(models, settings, programs=programs, compiler_options=FAST_COMPILE)
     h = models[0].sample_size
     assert result.weights == (0.5,)
     np.testing.assert_allclose(result.steps, zm.release_steps(2, (4, h, h)))
@@ -58,7 +58,7 @@ def test_two_folders_with_the_release_defaults(folders, programs, tmp_path):
     # the seeds in the other order (the same compiled program): the same images, bit for bit
     # (seed s depends on PRNGKey(s) alone)
     again = run_aggregate(models, AggregateSettings(prompts=settings.prompts, num_steps=STEPS, seeds=(1, 0),
-                                                    window=(1, 2)), programs=programs, compiler_options=FAST)
+                                                    window=(1, 2)), programs=programs, compiler_options=FAST_COMPILE)
     np.testing.assert_array_equal(again.latents[::-1], result.latents)
 
 
@@ -67,7 +67,7 @@ def test_cli_one_folder_two_prompts_writes_every_output(folders, programs, tmp_p
 
     real = _aggregate.run_aggregate
     monkeypatch.setattr("zmagic_jax.tasks.run_aggregate",
-                        lambda models, settings: real(models, settings, programs=programs, compiler_options=FAST))
+                        lambda models, settings: real(models, settings, programs=programs, compiler_options=FAST_COMPILE))
     out = tmp_path / "amdm"
     code = cli.main(["aggregate", "--sd", str(folders["first"]), "--prompt", "lower newer", "--prompt", "a b",
                      "--steps", str(STEPS), "--seeds", "3", "4", "--p", "0.5", "0.25", "--window", "1", "3",
@@ -86,6 +86,55 @@ def test_cli_one_folder_two_prompts_writes_every_output(folders, programs, tmp_p
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["aggregate", "--sd", str(folders["first"]), "--prompt", "x", "--prompt", "y", "--out", str(out)])
     assert exit_info.value.code == 2
+
+
+@pytest.fixture(scope="module")
+def pixel_folders(tiny_sd_dirs, tmp_path_factory):
+    """Two pixel-space folders (no vae/) as the embedded canvas models: a 1-channel text model and a
+    layout model taking one conditioning channel."""
+    from experiments.tiny_models import (SD_MERGES, SD_VOCAB, TINY_SCHEDULER, TINY_SD_TEXT, TINY_UNET, random_tree,
+                                         save_sd_folder)
+    from zmagic_jax.models._sd_convert import unet_param_shapes
+    from zmagic_jax.models._unet2d import unet_config_from_dict
+
+    root = tmp_path_factory.mktemp("amdm_pixel")
+    paths = {}
+    for seed, (name, channels) in enumerate((("text", (1, 1)), ("layout", (2, 1)))):
+        unet = dict(TINY_UNET, in_channels=channels[0], out_channels=channels[1])
+        params = random_tree(unet_param_shapes(unet_config_from_dict(unet, file=name)), 11 + seed)
+        paths[name] = save_sd_folder(root / name, unet=unet, unet_params=params, text=TINY_SD_TEXT,
+                                     text_params=tiny_sd_dirs["text"]["text_model"], vocab=SD_VOCAB,
+                                     merges=SD_MERGES, scheduler=TINY_SCHEDULER)
+    return paths
+
+
+def test_pixel_models_with_conditioning_channels(pixel_folders, folders, programs):
+    models = load_aggregate_models([pixel_folders["text"], pixel_folders["layout"]], 2)
+    h = models[0].sample_size
+    layout = np.zeros((1, h, h), np.float32)
+    layout[:, 2:6, 1:4] = 1.0
+    settings = AggregateSettings(prompts=("lower newer", ""), num_steps=STEPS, seeds=(0,), window=(1, 2),
+                                 cfg_scale=2.0)
+    result = run_aggregate(models, settings, extras=(None, np.stack([0 * layout, layout])), programs=programs,
+                           compiler_options=FAST_COMPILE)
+    np.testing.assert_allclose(result.steps, zm.release_steps(2, (1, h, h)))  # the 1-channel sample's size
+    assert result.latents.shape == (1, 2, 1, h, h) and result.images.shape == (1, 2, h, h, 1)
+    # pixel space: the image is the sample itself (clipped to [-1, 1])
+    np.testing.assert_array_equal(result.images, np.clip(result.latents.transpose(0, 1, 3, 4, 2), -1, 1))
+    # the layout is an argument of the one program: another layout, other samples
+    moved = np.roll(layout, 3, axis=2)
+    compiled = len(programs.compiled())
+    again = run_aggregate(models, settings, extras=(None, np.stack([0 * moved, moved])), programs=programs,
+                          compiler_options=FAST_COMPILE)
+    assert np.max(np.abs(again.latents[:, 1] - result.latents[:, 1])) > 1e-4
+    assert len(programs.compiled()) == compiled
+    with pytest.raises(ValueError, match=r"extras must hold one entry .* per model \(2\)"):
+        run_aggregate(models, settings, extras=(None,), programs=programs)
+    with pytest.raises(ValueError, match=r"takes 1 conditioning channel.*pass extra="):
+        run_aggregate(models, settings, programs=programs)
+    with pytest.raises(ValueError, match=r"model 1 \(.*\) and model 2 \(.*\) sample different spaces \(4-channel "
+                                         r"VAE latents vs 1-channel pixels\)"):
+        load_aggregate_models([folders["first"], pixel_folders["text"]], 2)
 
 
 def test_mismatched_models_are_named(folders):

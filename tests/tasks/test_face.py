@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.conftest import FAST_COMPILE
 from zmagic_jax._io import MARKER
 from zmagic_jax.energies import (Net, face_id_energy, face_landmarks, face_parsing_energy, identity_distance,
                                  identity_embedding, landmark_energy, parsing_logits)
@@ -22,7 +23,6 @@ RESOLUTION = 16
 STEPS = 2  # grid t = 500, 0: the first step is inside every condition's window (t > stop)
 # One seed, two steps of tiny networks: running takes milliseconds, so the programs compile without
 # XLA's expensive passes (a third of the compile time; same graph, same dtype).
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +51,7 @@ def id_landmarks_runs(tiny):
         # checks what the recipe builds
         runs += [("multi", (0, 1)), ("dependent", (1, 0))]
     references = FaceReferences(identity=reference, parsing=reference, landmarks=reference)
-    return run_faces(models, settings, references, runs, compiler_options=FAST), references
+    return run_faces(models, settings, references, runs, compiler_options=FAST_COMPILE), references
 
 
 def test_every_scheme_runs_end_to_end_with_finite_guidance(id_landmarks_runs, tmp_path):
@@ -209,7 +209,7 @@ def test_face_tables_protocol_runs_on_tiny_models(tiny, tmp_path, monkeypatch):
     from experiments.face_tables import markdown_table, run_protocol
 
     def shared(*args, **kwargs):  # the programs id_landmarks_runs compiled
-        return run_faces(*args, compiler_options=FAST, **kwargs)
+        return run_faces(*args, compiler_options=FAST_COMPILE, **kwargs)
     monkeypatch.setattr(face_tables, "run_faces", shared)
     models, _, reference, _ = tiny
     settings = FaceSettings(task="id_landmarks", num_steps=STEPS, seeds=(0,))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import FAST_COMPILE
 from zmagic_jax import cli
 from zmagic_jax._io import MARKER
 from zmagic_jax.tasks import (TEXT_STYLE_SCHEMES, TextStyleSettings, load_text_style_models, run_text_style,
@@ -21,7 +22,6 @@ from zmagic_jax.tasks._recipe import Programs, contribution_norms
 
 
 # Compiling the UNet / VAE / CLIP gradients with XLA's optimising passes costs minutes on CPU.
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 # Time-travel compiles the guided step twice; its wiring is checked by tracing alone
 # (test_settings_reach_the_sampler), the sampling runs go without it.
 STEPS, TRAVEL = 6, 1
@@ -57,7 +57,7 @@ SCHEMES = TEXT_STYLE_SCHEMES if os.environ.get("ZMAGIC_SLOW_TESTS") else ("none"
 def runs(setup):
     """The schemes of ``SCHEMES`` on seed 0."""
     models, settings, programs = setup
-    return {scheme: sample_text_style(models, settings, scheme, programs=programs, compiler_options=FAST)
+    return {scheme: sample_text_style(models, settings, scheme, programs=programs, compiler_options=FAST_COMPILE)
             for scheme in SCHEMES}
 
 
@@ -68,7 +68,7 @@ def fast_cli(setup, monkeypatch):
     original = _text_style.sample_text_style
 
     def shared(*args, programs=None, compiler_options=None, **kwargs):
-        return original(*args, programs=setup[2], compiler_options=FAST, **kwargs)
+        return original(*args, programs=setup[2], compiler_options=FAST_COMPILE, **kwargs)
     monkeypatch.setattr(_text_style, "sample_text_style", shared)
     return programs
 
@@ -160,7 +160,7 @@ def test_text_condition_is_the_clip_text_distance_of_the_decoded_latent(setup):
 def test_run_gives_reference_and_metrics(setup, runs):
     models, settings, programs = setup
     labels = []
-    result = run_text_style(models, settings, programs=programs, compiler_options=FAST, progress=labels.append)
+    result = run_text_style(models, settings, programs=programs, compiler_options=FAST_COMPILE, progress=labels.append)
     assert labels == ["plain SD (content reference)", "dependent", "metrics"]
     # the same seed gives the same bits; the content reference is the plain CFG sample
     np.testing.assert_array_equal(result.guided.latents, runs["dependent"].latents)

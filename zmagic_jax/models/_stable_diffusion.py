@@ -17,6 +17,17 @@ them). SD 1.x and 2.x are supported, epsilon and v-prediction (converted to eps 
 
 A latent sample uses the channels-first layout ``(4, h, w)`` (no batch axis) of diffusers'
 pipelines; the modules run channels-last inside (one transpose of the small latent per call).
+
+Two variants of the layout:
+
+* **pixel space**: a folder without ``vae/`` is a model that denoises images directly (as
+  diffusers' pixel pipelines, and the embedded canvas-digits models): ``vae`` is ``None``, the
+  "latent" is the image channels-first, :func:`decode_latents` / :func:`encode_image` are the
+  identity up to that transpose and the scaling factor is 1;
+* **conditioning channels**: a UNet with more input than output channels (SD's inpainting
+  models: 9 in, 4 out; the embedded layout model: 2 in, 1 out) denoises a latent of
+  ``out_channels`` channels and takes the other ``in_channels - out_channels`` as a condition
+  image (``extra`` of :func:`latent_denoiser`), concatenated after the latent's channels.
 """
 from __future__ import annotations
 
@@ -40,7 +51,8 @@ _PUBLISHED = ("e.g. CompVis/stable-diffusion-v1-4, stable-diffusion-v1-5/stable-
               "on the Hugging Face Hub")
 _LAYOUT_HELP = (
     "Expected a local diffusers-format Stable Diffusion folder with subfolders: "
-    "unet/ and vae/ (config.json + diffusion_pytorch_model.safetensors or .bin), "
+    "unet/ and vae/ (config.json + diffusion_pytorch_model.safetensors or .bin; no vae/ for a pixel-space "
+    "model), "
     "text_encoder/ (config.json + model.safetensors or pytorch_model.bin), "
     "tokenizer/ (vocab.json, merges.txt, tokenizer_config.json), "
     "scheduler/ (scheduler_config.json). Such weights are published " + _PUBLISHED + ", "
@@ -84,6 +96,16 @@ class StableDiffusion(NamedTuple):
     vae_scaling_factor: float
     prediction_type: str = "epsilon"
     sample_size: int = 64
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the sampled latent: the UNet's output channels."""
+        return int(self.unet.config.out_channels)
+
+    @property
+    def extra_channels(self) -> int:
+        """Conditioning channels the UNet takes after the latent's (``in - out`` channels)."""
+        return int(self.unet.config.in_channels) - int(self.unet.config.out_channels)
 
 
 def _missing(what: str, path: str) -> FileNotFoundError:
@@ -146,7 +168,7 @@ def load_stable_diffusion(path, dtype=jnp.float32, *, remat: bool = False) -> St
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise _missing("Stable Diffusion folder", path)
-    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
         if not os.path.isdir(os.path.join(path, sub)):
             raise _missing(f"{sub} folder", os.path.join(path, sub))
     schedule, prediction = _load_schedule(os.path.join(path, "scheduler"))
@@ -158,10 +180,20 @@ def load_stable_diffusion(path, dtype=jnp.float32, *, remat: bool = False) -> St
     sample_size = int(sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size)
     unet_params = unet_params_from_torch(weights.tensors, unet_config, path=weights.source)
     del weights
+    if unet_config.in_channels < unet_config.out_channels:
+        raise ValueError(f"load_stable_diffusion: {file!r} has in_channels {unet_config.in_channels} < out_channels "
+                         f"{unet_config.out_channels}; the UNet's input holds the latent (out_channels) and any "
+                         "conditioning channels after it.")
 
-    raw, weights, file = _component(path, "vae", ("diffusion_pytorch_model",), "a diffusers AutoencoderKL")
-    vae_config = vae_config_from_dict(raw, file=file)
-    vae_params = vae_params_from_torch(weights.tensors, vae_config, path=weights.source)
+    vae, vae_params, scaling = None, None, 1.0  # a folder without vae/ is a pixel-space model
+    if os.path.isdir(os.path.join(path, "vae")):
+        raw, weights, file = _component(path, "vae", ("diffusion_pytorch_model",), "a diffusers AutoencoderKL")
+        vae_config = vae_config_from_dict(raw, file=file)
+        if vae_config.latent_channels != unet_config.out_channels:
+            raise ValueError(f"load_stable_diffusion: the VAE's latent_channels ({vae_config.latent_channels}, "
+                             f"{file!r}) differ from the UNet's out_channels ({unet_config.out_channels}).")
+        vae_params = vae_params_from_torch(weights.tensors, vae_config, path=weights.source)
+        vae, scaling = AutoencoderKL(vae_config, dtype=dtype, remat=remat), float(vae_config.scaling_factor)
 
     raw, weights, file = _component(path, "text_encoder", ("model", "pytorch_model"),
                                     "a transformers CLIPTextModel")
@@ -174,9 +206,8 @@ def load_stable_diffusion(path, dtype=jnp.float32, *, remat: bool = False) -> St
     # Device arrays once, here: numpy params would be copied host -> device on every jitted call.
     unet_params, vae_params, text_params = jax.tree.map(jnp.asarray, (unet_params, vae_params, text_params))
     return StableDiffusion(UNet2DConditionModel(unet_config, dtype=dtype, remat=remat), unet_params,
-                           AutoencoderKL(vae_config, dtype=dtype, remat=remat), vae_params,
-                           CLIPTextTransformer(text_config, dtype=dtype, remat=remat), text_params,
-                           tokenizer, schedule, float(vae_config.scaling_factor), prediction, sample_size)
+                           vae, vae_params, CLIPTextTransformer(text_config, dtype=dtype, remat=remat), text_params,
+                           tokenizer, schedule, scaling, prediction, sample_size)
 
 
 def encode_prompt(sd: StableDiffusion, prompts: Sequence[str]) -> jnp.ndarray:
@@ -203,10 +234,10 @@ def _text_states(encoder, params, ids):
 _encode_ids = jax.jit(_text_states, static_argnums=0)
 
 
-def _cfg_params(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_scale, who: str) -> dict:
+def _cfg_params(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_scale, who: str, extra=None) -> dict:
     """Validated params of the CFG denoisers: UNet weights, the ``(2, L, D)`` context
-    ``[uncond, cond]``, the scale and (v-prediction) the schedule's ``alphas_cumprod``, all
-    leaves."""
+    ``[uncond, cond]``, the scale, the conditioning channels ``(2, c, h, w)`` (``[uncond, cond]``)
+    of a UNet that takes them and (v-prediction) the schedule's ``alphas_cumprod``, all leaves."""
     cond = jnp.asarray(prompt_embeds)
     uncond = jnp.asarray(uncond_embeds)
     cross_dim = sd.unet.config.context_dim
@@ -218,6 +249,23 @@ def _cfg_params(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_scal
     if isinstance(guidance_scale, bool) or jnp.ndim(guidance_scale) != 0:
         raise ValueError(f"{who}: guidance_scale must be a scalar; got {guidance_scale!r}.")
     params = {"unet": sd.unet_params, "context": jnp.stack([uncond, cond]), "scale": guidance_scale}
+    wanted = sd.extra_channels
+    if wanted and extra is None:
+        raise ValueError(f"{who}: this UNet takes {wanted} conditioning channel(s) after the latent's "
+                         f"{sd.latent_channels} (in_channels {sd.unet.config.in_channels}, out_channels "
+                         f"{sd.latent_channels}); pass extra=an array ({wanted}, h, w), or (2, {wanted}, h, w) for "
+                         "[unconditional, conditional] branches.")
+    if extra is not None:
+        extra = jnp.asarray(extra)
+        if not wanted:
+            raise ValueError(f"{who}: extra conditioning channels were given but this UNet takes none "
+                             f"(in_channels = out_channels = {sd.latent_channels}); leave extra=None.")
+        if extra.ndim == 3:
+            extra = jnp.stack([extra, extra])
+        if extra.ndim != 4 or extra.shape[:2] != (2, wanted) or not jnp.issubdtype(extra.dtype, jnp.floating):
+            raise ValueError(f"{who}: extra must be a float array ({wanted}, h, w) or (2, {wanted}, h, w) "
+                             f"([unconditional, conditional]); got {extra.dtype} {tuple(extra.shape)}.")
+        params["extra"] = extra
     if sd.prediction_type == "v_prediction":
         params["alphas_cumprod"] = jnp.asarray(sd.schedule.alphas_cumprod)
     return params
@@ -234,7 +282,7 @@ def _cfg(unet, remat, correction_only, params, x, t):
     UNet call on a batch of two copies of ``x``. A v-prediction UNet's outputs are converted to
     eps first (exact and affine in v, so CFG on v then conversion gives the same eps)."""
     unet = unet.value
-    channels = int(unet.config.in_channels)
+    channels = int(unet.config.out_channels)
     if x.ndim != 3 or x.shape[0] != channels:
         raise ValueError(f"latent denoiser: x must be one latent ({channels}, h, w); got shape {x.shape}.")
     call = _rematerialized(lambda p, x, timesteps, context: unet.apply({"params": p}, x, timesteps, context),
@@ -242,7 +290,14 @@ def _cfg(unet, remat, correction_only, params, x, t):
     # One timestep per batch row; integer like the PyTorch pipelines' (the UNet embeds t as float).
     timesteps = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (2,))
     hwc = jnp.transpose(x, (1, 2, 0))
-    out_u, out_c = jnp.transpose(call(params["unet"], jnp.stack([hwc, hwc]), timesteps, params["context"]),
+    batch = jnp.stack([hwc, hwc])
+    if "extra" in params:  # conditioning channels after the latent's, one set per branch
+        extra = params["extra"]
+        if extra.shape[2:] != x.shape[1:]:
+            raise ValueError(f"latent denoiser: the conditioning channels {tuple(extra.shape[1:])} must have the "
+                             f"latent's size {tuple(x.shape[1:])}.")
+        batch = jnp.concatenate([batch, jnp.transpose(extra, (0, 2, 3, 1)).astype(batch.dtype)], -1)
+    out_u, out_c = jnp.transpose(call(params["unet"], batch, timesteps, params["context"]),
                                  (0, 3, 1, 2)).astype(x.dtype)
     if "alphas_cumprod" in params:  # v-prediction
         ab = params["alphas_cumprod"][t].astype(x.dtype)
@@ -253,7 +308,8 @@ def _cfg(unet, remat, correction_only, params, x, t):
     return (correction if correction_only else out_u + correction).astype(x.dtype)
 
 
-def latent_denoiser(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_scale, *, remat=False) -> Denoiser:
+def latent_denoiser(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_scale, *, remat=False,
+                    extra=None) -> Denoiser:
     """Classifier-free-guided noise predictor for ONE latent sample, a :class:`~zmagic_jax.Denoiser`.
 
     ``denoiser(x, t) = eps_u + w (eps_c - eps_u)`` with ``eps_c = UNet(x, t, c)``,
@@ -270,14 +326,18 @@ def latent_denoiser(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_
     (every guidance scheme does) then stores only the UNet's inputs and recomputes its
     activations in the backward pass, bounding memory at the price of one more forward pass.
     A ``jax.checkpoint_policies`` name (e.g. ``"dots_saveable"``) keeps what that policy saves.
+
+    ``extra``: the conditioning channels of a UNet with more input than output channels (module
+    docstring), ``(c, h, w)`` for both branches or ``(2, c, h, w)`` for ``[unconditional,
+    conditional]`` (e.g. a blank layout in the first: CFG on the layout); a leaf of the params.
     """
     _rematerialized(lambda: None, remat, "latent_denoiser")
-    params = _cfg_params(sd, prompt_embeds, uncond_embeds, guidance_scale, "latent_denoiser")
+    params = _cfg_params(sd, prompt_embeds, uncond_embeds, guidance_scale, "latent_denoiser", extra)
     return Denoiser(static_partial(_cfg, Keyed(sd.unet, repr(sd.unet)), remat, False), params)
 
 
 def latent_cfg_correction(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_scale, *,
-                          remat=False) -> Denoiser:
+                          remat=False, extra=None) -> Denoiser:
     """``correction(x, t) = w (eps_c - eps_u)``: what classifier-free guidance adds to the
     unconditional noise prediction of one latent (same arguments and params as
     :func:`latent_denoiser`).
@@ -286,20 +346,25 @@ def latent_cfg_correction(sd: StableDiffusion, prompt_embeds, uncond_embeds, gui
     :func:`zmagic_jax.cfg_relative_rule`).
     """
     _rematerialized(lambda: None, remat, "latent_cfg_correction")
-    params = _cfg_params(sd, prompt_embeds, uncond_embeds, guidance_scale, "latent_cfg_correction")
+    params = _cfg_params(sd, prompt_embeds, uncond_embeds, guidance_scale, "latent_cfg_correction", extra)
     return Denoiser(static_partial(_cfg, Keyed(sd.unet, repr(sd.unet)), remat, True), params)
 
 
 def decode_latents(sd: StableDiffusion, latents, *, remat=False) -> jnp.ndarray:
     """Decode one latent ``z`` ``(4, h, w)`` to an image ``(f h, f w, 3)`` (channels-last) in the
     VAE's range ``[-1, 1]`` (not clipped, so it stays differentiable): ``D(z / scaling_factor)``.
-    ``f = 2 ** (len(vae block_out_channels) - 1)``, 8 for Stable Diffusion.
+    ``f = 2 ** (len(vae block_out_channels) - 1)``, 8 for Stable Diffusion. A pixel-space model
+    (no VAE) returns its ``(c, h, w)`` sample as the image ``(h, w, c)``.
 
     ``remat`` as in :func:`latent_denoiser`, for the VAE decoder call: its activations at the full
     image resolution dominate the memory of gradients of image energies."""
     decoder = _rematerialized(
         lambda params, z: sd.vae.apply({"params": params}, z, method="decode"), remat, "decode_latents")
     z = jnp.asarray(latents)
+    if sd.vae is None:
+        if z.ndim != 3:
+            raise ValueError(f"decode_latents: latents must be one sample (c, h, w); got shape {z.shape}.")
+        return jnp.transpose(z, (1, 2, 0))
     channels = int(sd.vae.config.latent_channels)
     if z.ndim != 3 or z.shape[0] != channels:
         raise ValueError(f"decode_latents: latents must be one latent ({channels}, h, w); "
@@ -313,8 +378,13 @@ def encode_image(sd: StableDiffusion, image, key: Optional[jax.Array] = None, *,
     latent ``(4, H/f, W/f)`` scaled as the UNet expects: ``scaling_factor * mean`` of the VAE
     posterior, or ``scaling_factor * (mean + exp(logvar / 2) n)`` with ``n ~ N(0, I)`` drawn from
     ``key`` (diffusers' ``latent_dist.sample()``). Differentiable; ``remat`` as in
-    :func:`decode_latents`."""
+    :func:`decode_latents`. A pixel-space model (no VAE) returns the image channels-first."""
     image = jnp.asarray(image)
+    if sd.vae is None:
+        if image.ndim != 3 or image.shape[-1] != sd.latent_channels:
+            raise ValueError(f"encode_image: image must be one (H, W, {sd.latent_channels}) image in [-1, 1]; "
+                             f"got shape {image.shape}.")
+        return jnp.transpose(image, (2, 0, 1))
     if image.ndim != 3 or image.shape[-1] != sd.vae.config.in_channels:
         raise ValueError(f"encode_image: image must be one (H, W, {sd.vae.config.in_channels}) image in [-1, 1]; "
                          f"got shape {image.shape}.")

@@ -42,7 +42,9 @@ RELEASE_WEIGHTS = {2: (0.5,), 3: (0.47, 0.5)}
 class AggregateSettings:
     """Settings of one AMDM run on Stable Diffusion (recorded in metrics.json).
 
-    prompts: one prompt per model (K = 2 or 3 for the released rule; any K >= 2 for slerp / mean).
+    prompts: one prompt per model (K = 2 or 3 for the released rule; any K >= 2 for slerp / mean);
+      ``""`` for a model conditioned otherwise (conditioning channels, ``extras`` of
+      :func:`run_aggregate`).
     weights: ``w`` of the K - 1 merges; default the release's (0.5; three models 0.47, 0.5).
     steps: the deviation step lengths ``p_k``, one per model; default the release's rescaled to
       the latent's size (:func:`~zmagic_jax.release_steps`).
@@ -71,8 +73,9 @@ class AggregateSettings:
         who = "AggregateSettings"
         prompts = self.prompts
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) < 2 or \
-                not all(isinstance(p, str) and p.strip() for p in prompts):
-            raise ValueError(f"{who}: prompts must be two or more non-empty prompts, one per model; got {prompts!r}.")
+                not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"{who}: prompts must be two or more prompts (strings; \"\" for a model whose "
+                             f"condition is not text), one per model; got {prompts!r}.")
         object.__setattr__(self, "prompts", tuple(prompts))
         k = len(self.prompts)
         check_choice(self.rule, RULES, who, "rule")
@@ -147,14 +150,12 @@ def check_compatible(models: Sequence[StableDiffusion], names: Sequence[str]) ->
             raise ValueError(f"AMDM: {pair} have different noise schedules (betas of {first.schedule.num_train_steps} "
                              f"vs {sd.schedule.num_train_steps} steps, or different values); the models must share "
                              "one schedule and grid.")
+        if sd.latent_channels != first.latent_channels or (sd.vae is None) != (first.vae is None):
+            space = lambda m: f"{m.latent_channels}-channel {'pixels' if m.vae is None else 'VAE latents'}"
+            raise ValueError(f"AMDM: {pair} sample different spaces ({space(first)} vs {space(sd)}).")
         if float(sd.vae_scaling_factor) != float(first.vae_scaling_factor):
             raise ValueError(f"AMDM: {pair} have different VAE scaling factors ({first.vae_scaling_factor} vs "
                              f"{sd.vae_scaling_factor}): their latents live in different spaces.")
-        channels = (int(first.unet.config.in_channels), int(sd.unet.config.in_channels),
-                    int(first.vae.config.latent_channels), int(sd.vae.config.latent_channels))
-        if len(set(channels)) != 1:
-            raise ValueError(f"AMDM: {pair} have different latent channels (UNet in {channels[0]} / {channels[1]}, "
-                             f"VAE latent {channels[2]} / {channels[3]}).")
         if int(sd.sample_size) != int(first.sample_size):
             raise ValueError(f"AMDM: {pair} have different native latent sizes ({first.sample_size} vs "
                              f"{sd.sample_size}); give latent_size (--latent-size) to sample both at one size.")
@@ -162,15 +163,16 @@ def check_compatible(models: Sequence[StableDiffusion], names: Sequence[str]) ->
 
 def _latent_shape(sd: StableDiffusion, settings: AggregateSettings) -> tuple:
     h, w = settings.latent_size or (int(sd.sample_size),) * 2
-    return int(sd.unet.config.in_channels), h, w
+    return sd.latent_channels, h, w
 
 
-def _denoisers(models, settings: AggregateSettings):
+def _denoisers(models, settings: AggregateSettings, extras):
     """Every model's CFG denoiser; one stack (one vmapped UNet call) when all are one architecture."""
     denoisers = []
-    for sd, prompt in zip(models, settings.prompts):
+    for sd, prompt, extra in zip(models, settings.prompts, extras):
         embeds = encode_prompt(sd, [prompt, settings.negative_prompt])
-        denoisers.append(latent_denoiser(sd, embeds[0], embeds[1], jnp.float32(settings.cfg_scale)))
+        denoisers.append(latent_denoiser(sd, embeds[0], embeds[1], jnp.float32(settings.cfg_scale),
+                                         extra=None if extra is None else jnp.asarray(extra, jnp.float32)))
     try:
         return stack_denoisers(denoisers)
     except ValueError:
@@ -218,13 +220,20 @@ class AggregateResult(NamedTuple):
 
 
 def run_aggregate(models: Sequence[StableDiffusion], settings: AggregateSettings, *,
-                  programs: Optional[Programs] = None, compiler_options: Optional[dict] = None) -> AggregateResult:
-    """Sample every seed with AMDM: one compiled program (weights, prompts and AMDM's numbers are its
-    arguments), seeds vmapped. ``compiler_options`` are passed to XLA."""
+                  extras: Optional[Sequence] = None, programs: Optional[Programs] = None,
+                  compiler_options: Optional[dict] = None) -> AggregateResult:
+    """Sample every seed with AMDM: one compiled program (weights, prompts, conditioning channels
+    and AMDM's numbers are its arguments), seeds vmapped. ``extras``: per model, ``None`` or the
+    conditioning channels of a UNet that takes them (``extra`` of
+    :func:`~zmagic_jax.models.latent_denoiser`). ``compiler_options`` are passed to XLA."""
     models = tuple(models)
     if len(models) != settings.num_models:
         raise ValueError(f"run_aggregate: {settings.num_models} prompts need {settings.num_models} models; got "
                          f"{len(models)}.")
+    extras = (None,) * len(models) if extras is None else tuple(extras)
+    if len(extras) != len(models):
+        raise ValueError(f"run_aggregate: extras must hold one entry (None or an array) per model ({len(models)}); "
+                         f"got {len(extras)}.")
     sd = models[0]
     grid = model_grid(sd.schedule, settings.num_steps, "AggregateSettings")
     shape = _latent_shape(sd, settings)
@@ -232,7 +241,7 @@ def run_aggregate(models: Sequence[StableDiffusion], settings: AggregateSettings
     agg = aggregation(steps, weights, window=settings.window, rule=settings.rule, mu=settings.mu)
     decoders = tuple(static_partial(_decoded, Keyed(m.vae, repr(m.vae)), float(m.vae_scaling_factor)) for m in models)
     args = (jnp.stack([jax.random.PRNGKey(int(s)) for s in settings.seeds]),
-            aggregation_contexts(sd.schedule, grid, jnp.float32), _denoisers(models, settings), agg,
+            aggregation_contexts(sd.schedule, grid, jnp.float32), _denoisers(models, settings, extras), agg,
             ddim(settings.eta), tuple(m.vae_params for m in models))
     programs = PROGRAMS if programs is None else programs
     (latents, mixed, images, mixed_images, trace), compile_s, run_s = programs.call(
