@@ -539,3 +539,12 @@ def test_conditioning_channel_errors_name_the_fix(pixel_sd, sd):
     den = latent_denoiser(pixel_sd, emb, emb, jnp.float32(1.0), extra=np.zeros((1, 4, 4), np.float32))
     with pytest.raises(ValueError, match=r"conditioning channels \(1, 4, 4\) must have the latent's size \(8, 8\)"):
         den(jnp.zeros((1, 8, 8)), jnp.int32(3))
+
+
+def test_a_tokenizer_larger_than_the_embedding_table_is_refused(sd_copy):
+    vocab_path = sd_copy / "tokenizer" / "vocab.json"
+    vocab = json.loads(vocab_path.read_text())
+    vocab["extra</w>"] = len(vocab)  # one id past the text encoder's table (an embedding lookup would give NaN)
+    vocab_path.write_text(json.dumps(vocab))
+    with pytest.raises(ValueError, match=r"gives ids up to 22 but the text encoder's vocab_size is 22.*same model"):
+        load_stable_diffusion(sd_copy)

@@ -203,6 +203,10 @@ def load_stable_diffusion(path, dtype=jnp.float32, *, remat: bool = False) -> St
     text_params = clip_params_from_torch(weights.tensors, text_config, None, None, path=weights.source)["text_model"]
 
     tokenizer = ClipTokenizer.from_folder(os.path.join(path, "tokenizer"))
+    if tokenizer.id_count > text_config.vocab_size:
+        raise ValueError(f"load_stable_diffusion: the tokenizer ({os.path.join(path, 'tokenizer')}) gives ids up to "
+                         f"{tokenizer.id_count - 1} but the text encoder's vocab_size is {text_config.vocab_size} "
+                         f"({file!r}): those tokens have no embedding. Use the tokenizer folder of the same model.")
     # Device arrays once, here: numpy params would be copied host -> device on every jitted call.
     unet_params, vae_params, text_params = jax.tree.map(jnp.asarray, (unet_params, vae_params, text_params))
     return StableDiffusion(UNet2DConditionModel(unet_config, dtype=dtype, remat=remat), unet_params,

@@ -318,6 +318,12 @@ class ClipTokenizer:
         return len(self._vocab)
 
     @property
+    def id_count(self) -> int:
+        """One more than the largest id the tokenizer can give (vocab.json and added tokens): the
+        embedding table of the text encoder must have at least this many rows."""
+        return 1 + max(max(self._vocab.values()), max((i for i, _ in self._added.values()), default=0))
+
+    @property
     def bos_token_id(self) -> int:
         return self._ids["bos_token"]
 
