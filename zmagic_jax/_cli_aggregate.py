@@ -46,6 +46,13 @@ def add_aggregate(sub) -> None:
     p.add_argument("--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale of every model")
     p.add_argument("--latent-size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="latent size (image = 8x); default the UNet's sample_size")
+    p.add_argument("--condition", nargs=2, action="append", default=[], metavar=("K", "IMAGE"),
+                   help="model K's conditioning image (a UNet with more input than output channels, e.g. the "
+                        "embedded canvas layout model): a PNG of the latent's size, pixel values / 255 as the "
+                        "channels (grey for one channel)")
+    p.add_argument("--condition-cfg", action="store_true",
+                   help="the unconditional branch sees a blank (all-zero) conditioning image, so the CFG scale "
+                        "also guides on it (for models trained with it dropped); default: both branches see it")
     p.add_argument("--out", default="out/aggregate",
                    help="output folder (new, empty, or a previous zmagic output with --overwrite)")
     add_overwrite(p)
@@ -68,6 +75,34 @@ def _settings(args):
         raise FlagError(f"{flag}: {err}" if flag else str(err)) from err
 
 
+def _conditions(args, models, settings) -> tuple:
+    """Per model ``None`` or its conditioning channels ``(2, c, h, w)`` ([unconditional, conditional])
+    from ``--condition K IMAGE``; every model that takes them must have one."""
+    import numpy as np
+    from zmagic_jax.tasks._outputs import load_image
+
+    extras = [None] * len(models)
+    for k, path in args.condition:
+        if not k.isdigit() or not 1 <= int(k) <= len(models):
+            raise FlagError(f"--condition: K must be a model number 1..{len(models)}; got {k!r}.")
+        sd = models[int(k) - 1]
+        c, shape = sd.extra_channels, settings.latent_size or (int(sd.sample_size),) * 2
+        if c not in (1, 3):
+            raise FlagError(f"--condition: model {k} takes {c} conditioning channels; an image gives 1 (grey) or 3.")
+        try:
+            image = (load_image(path, shape, what="--condition image") + 1.0) / 2.0
+        except (OSError, ValueError) as err:
+            raise FlagError(f"--condition: {err}") from err
+        channels = image.mean(-1, keepdims=True) if c == 1 else image
+        cond = np.transpose(channels, (2, 0, 1)).astype(np.float32)
+        extras[int(k) - 1] = np.stack([np.zeros_like(cond) if args.condition_cfg else cond, cond])
+    missing = [i + 1 for i, sd in enumerate(models) if sd.extra_channels and extras[i] is None]
+    if missing:
+        raise FlagError(f"--condition: model(s) {missing} take conditioning channels; give --condition K IMAGE "
+                        "for each.")
+    return tuple(extras)
+
+
 def run_aggregate_command(args) -> int:
     from zmagic_jax._io import check_output_dir
     from zmagic_jax.tasks import load_aggregate_models, run_aggregate, save_aggregate
@@ -86,9 +121,10 @@ def run_aggregate_command(args) -> int:
             models = load_aggregate_models(args.sd, settings.num_models)
         except (OSError, ValueError) as err:
             raise FlagError(f"--sd: {err}") from err
+        extras = _conditions(args, models, settings)
         bar.update(1)
         bar.set_description(f"zmagic aggregate: sample {settings.num_models} models")
-        result = run_aggregate(models, settings)
+        result = run_aggregate(models, settings, extras=extras)
         bar.update(1)
         bar.set_description("zmagic aggregate: write")
         report = save_aggregate(args.out, result, names, overwrite=args.overwrite)

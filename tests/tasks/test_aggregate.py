@@ -1,6 +1,7 @@
 """``zmagic aggregate`` (AMDM on Stable Diffusion folders) end to end on tiny random SD folders of the
 real architecture: release defaults, one folder with two prompts, mismatched models, outputs."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -155,3 +156,38 @@ def test_bad_flags_are_named(folders, tmp_path, capsys, flags, message):
     import re
     assert re.search(message, capsys.readouterr().err), message
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_reads_a_models_conditioning_image(pixel_folders, programs, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from zmagic_jax.tasks import _aggregate
+
+    seen = {}
+
+    def shared(models, settings, extras=None):
+        seen["extras"] = extras
+        return _aggregate.run_aggregate(models, settings, extras=extras, programs=programs,
+                                        compiler_options=FAST_COMPILE)
+    monkeypatch.setattr("zmagic_jax.tasks.run_aggregate", shared)
+    layout = np.zeros((8, 8), np.uint8)
+    layout[2:6, 1:4] = 255
+    Image.fromarray(layout, "L").save(tmp_path / "layout.png")
+    base = ["aggregate", "--sd", str(pixel_folders["text"]), str(pixel_folders["layout"]), "--prompt", "lower newer",
+            "--prompt", "", "--steps", str(STEPS), "--window", "1", "2", "--cfg-scale", "2"]
+    assert cli.main(base + ["--condition", "2", str(tmp_path / "layout.png"), "--condition-cfg",
+                            "--out", str(tmp_path / "out")]) == 0
+    text_extra, layout_extra = seen["extras"]
+    assert text_extra is None
+    np.testing.assert_array_equal(layout_extra[1, 0], layout / 255.0)  # the image, values / 255
+    np.testing.assert_array_equal(layout_extra[0], 0.0)                # --condition-cfg: a blank unconditional one
+    assert (tmp_path / "out" / "seed0_merged.png").is_file()
+    for flags, message in ((["--condition", "3", "x.png"], "K must be a model number 1..2"),
+                           ([], r"model\(s\) \[2\] take conditioning channels"),
+                           (["--condition", "2", str(tmp_path / "none.png")], "--condition image .* does not exist")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(base + flags + ["--out", str(tmp_path / "again")])
+        assert exit_info.value.code == 2
+        assert re.search(message, capsys.readouterr().err), message
+    assert not (tmp_path / "again").exists()
