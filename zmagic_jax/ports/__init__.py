@@ -19,6 +19,7 @@ from zmagic_jax.ports._checkpoint import (
     load_port,
     state_dict_of,
 )
+from zmagic_jax.ports._canvas import CANVAS_ASSETS, CanvasModels, load_canvas_models
 from zmagic_jax.ports._ddpm_unet import DDPM_UNET, convert_ddpm_unet, load_ddpm_unet
 from zmagic_jax.ports._digits import AssetChecksumError, load_digit_models, verify_checksums
 from zmagic_jax.ports._mobilefacenet import MOBILEFACENET, convert_mobilefacenet, load_mobilefacenet

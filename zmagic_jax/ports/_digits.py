@@ -39,23 +39,24 @@ class AssetChecksumError(ValueError):
     """An embedded asset file is missing or does not have the SHA-256 recorded in ``checksums.json``."""
 
 
-def verify_checksums(directory) -> None:
-    """Check every file listed in ``directory/checksums.json``; raise :class:`AssetChecksumError`
-    naming the file, the expected and actual SHA-256 and how to restore it."""
+def verify_checksums(directory, *, what: str = "digits assets", hint: str = RESTORE_HINT) -> None:
+    """Check every file listed in ``directory/checksums.json`` (paths relative to ``directory``);
+    raise :class:`AssetChecksumError` naming the file, the expected and actual SHA-256 and how to
+    restore it (``what`` names the assets in the message, ``hint`` says how to restore them)."""
     directory = Path(os.fspath(directory))
     listing = directory / CHECKSUM_FILE
     if not listing.is_file():
-        raise AssetChecksumError(f"digits assets: {listing} is missing. {RESTORE_HINT}")
+        raise AssetChecksumError(f"{what}: {listing} is missing. {hint}")
     expected = json.loads(listing.read_text())
     for name, digest in sorted(expected.items()):
         path = directory / name
         if not path.is_file():
-            raise AssetChecksumError(f"digits assets: {path} is missing. {RESTORE_HINT}")
+            raise AssetChecksumError(f"{what}: {path} is missing. {hint}")
         actual = sha256_of(path)
         if actual != digest:
             raise AssetChecksumError(
-                f"digits assets: {path} is damaged: its SHA-256 is {actual} but checksums.json expects "
-                f"{digest}. {RESTORE_HINT}")
+                f"{what}: {path} is damaged: its SHA-256 is {actual} but checksums.json expects "
+                f"{digest}. {hint}")
 
 
 def load_digit_models(directory=None, *, verify: bool = True) -> DigitModels:
