@@ -68,7 +68,8 @@ def test_cli_one_folder_two_prompts_writes_every_output(folders, programs, tmp_p
 
     real = _aggregate.run_aggregate
     monkeypatch.setattr("zmagic_jax.tasks.run_aggregate",
-                        lambda models, settings: real(models, settings, programs=programs, compiler_options=FAST_COMPILE))
+                        lambda models, settings, extras=None: real(models, settings, extras=extras, programs=programs,
+                                                                   compiler_options=FAST_COMPILE))
     out = tmp_path / "amdm"
     code = cli.main(["aggregate", "--sd", str(folders["first"]), "--prompt", "lower newer", "--prompt", "a b",
                      "--steps", str(STEPS), "--seeds", "3", "4", "--p", "0.5", "0.25", "--window", "1", "3",
