@@ -320,8 +320,8 @@ def main(argv=None) -> int:
     write_curves(results, record)
     write_assets(Path(args.assets), folders, work / "evaluator.safetensors", record, summary, args.seed)
     atomic_write_bytes(results / "summary.json", json.dumps(
-        {"seed": args.seed, **summary, **{n: {k: v for k, v in e.items() if k != "curve"} for n, e in record.items()}},
-        indent=1).encode())
+        {"seed": args.seed, "scores": summary,
+         "training": {n: {k: v for k, v in e.items() if k != "curve"} for n, e in record.items()}}, indent=1).encode())
     return 0
 
 
