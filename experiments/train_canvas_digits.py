@@ -430,9 +430,17 @@ def write_assets(assets: Path, folders: dict, evaluator_file: Path, record: dict
     of every file in ``checksums.json`` (paths relative to ``assets``)."""
     import shutil
     from zmagic_jax.ports._digits import sha256_of
+    listing = assets / "checksums.json"
+    listed = json.loads(listing.read_text()) if listing.is_file() else {}
+    if assets.is_dir() and any(assets.iterdir()) and not listed:
+        raise SystemExit(f"train_canvas_digits: {assets} holds files but no checksums.json, so it is not a folder "
+                         "this script wrote; give another --assets.")
     assets.mkdir(parents=True, exist_ok=True)
     for name, folder in folders.items():
         if (assets / name).exists():
+            if not any(f.startswith(f"{name}/") for f in listed):
+                raise SystemExit(f"train_canvas_digits: {assets / name} is not listed in {listing}, so this script "
+                                 "did not write it; give another --assets.")
             shutil.rmtree(assets / name)
         shutil.copytree(folder, assets / name)
     shutil.copy(evaluator_file, assets / "evaluator.safetensors")

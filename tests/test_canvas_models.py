@@ -65,3 +65,18 @@ def test_without_shipped_assets_the_default_says_how_to_make_them(monkeypatch, t
     monkeypatch.setattr(_canvas, "CANVAS_ASSETS", tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match=r"does not ship the canvas models yet.*train_canvas_digits\.py"):
         load_canvas_models()
+
+
+def test_the_writer_leaves_a_folder_it_did_not_write_alone(assets, tmp_path):
+    theirs = tmp_path / "theirs"
+    (theirs / "text").mkdir(parents=True)
+    (theirs / "text" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not a folder this script wrote"):
+        write_assets(theirs, {"text": assets / "text"}, assets / "evaluator.safetensors", {}, {}, seed=0)
+    assert (theirs / "text" / "notes.txt").read_text() == "mine"
+    # its own earlier output is replaced
+    ours = tmp_path / "ours"
+    shutil.copytree(assets, ours)
+    write_assets(ours, {"text": assets.parent / "work" / "text"}, assets.parent / "work" / "evaluator.safetensors",
+                 {}, {}, seed=0)
+    assert load_canvas_models(ours).text.latent_channels == 1
