@@ -48,7 +48,7 @@ from zmagic_jax.models._digits import DigitClassifier, DigitClassifierConfig
 from zmagic_jax.models._layers import Net
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_models import random_tree, save_sd_folder  # noqa: E402
+from tiny_models import random_tree, save_clip_tokenizer, save_sd_folder  # noqa: E402
 from train_digits import fit, load_digits, split, to_signed, write_curves  # noqa: E402
 
 CANVAS = 32
@@ -243,10 +243,8 @@ def main(argv=None) -> int:
     tiles, tile_labels = to_signed(images_u8[train_idx]), jnp.asarray(labels[train_idx])
 
     vocab, merges = vocabulary()
-    save_sd_tokenizer = work / "tokenizer"
-    from tiny_models import save_clip_tokenizer
-    save_clip_tokenizer(save_sd_tokenizer, vocab, merges, model_max_length=MAX_TOKENS)
-    tokenizer = ClipTokenizer.from_folder(save_sd_tokenizer)
+    save_clip_tokenizer(work / "tokenizer", vocab, merges, model_max_length=MAX_TOKENS)
+    tokenizer = ClipTokenizer.from_folder(work / "tokenizer")
     for word in list(WORDS) + list("0123456789"):
         ids = tokenizer([word], MAX_TOKENS)[0]
         assert ids[1] != tokenizer.pad_token_id and ids[2] == tokenizer.eos_token_id, (word, ids)

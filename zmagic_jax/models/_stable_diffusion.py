@@ -240,7 +240,7 @@ _encode_ids = jax.jit(_text_states, static_argnums=0)
 
 def _cfg_params(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_scale, who: str, extra=None) -> dict:
     """Validated params of the CFG denoisers: UNet weights, the ``(2, L, D)`` context
-    ``[uncond, cond]``, the scale, the conditioning channels ``(2, c, h, w)`` (``[uncond, cond]``)
+    ``[uncond, cond]``, the scale, the conditioning channels ``(2, h, w, c)`` (``[uncond, cond]``)
     of a UNet that takes them and (v-prediction) the schedule's ``alphas_cumprod``, all leaves."""
     cond = jnp.asarray(prompt_embeds)
     uncond = jnp.asarray(uncond_embeds)
@@ -269,7 +269,7 @@ def _cfg_params(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_scal
         if extra.ndim != 4 or extra.shape[:2] != (2, wanted) or not jnp.issubdtype(extra.dtype, jnp.floating):
             raise ValueError(f"{who}: extra must be a float array ({wanted}, h, w) or (2, {wanted}, h, w) "
                              f"([unconditional, conditional]); got {extra.dtype} {tuple(extra.shape)}.")
-        params["extra"] = extra
+        params["extra"] = jnp.transpose(extra, (0, 2, 3, 1))  # channels-last once, not in every UNet call
     if sd.prediction_type == "v_prediction":
         params["alphas_cumprod"] = jnp.asarray(sd.schedule.alphas_cumprod)
     return params
@@ -295,12 +295,12 @@ def _cfg(unet, remat, correction_only, params, x, t):
     timesteps = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (2,))
     hwc = jnp.transpose(x, (1, 2, 0))
     batch = jnp.stack([hwc, hwc])
-    if "extra" in params:  # conditioning channels after the latent's, one set per branch
+    if "extra" in params:  # conditioning channels after the latent's, one set per branch (2, h, w, c)
         extra = params["extra"]
-        if extra.shape[2:] != x.shape[1:]:
-            raise ValueError(f"latent denoiser: the conditioning channels {tuple(extra.shape[1:])} must have the "
-                             f"latent's size {tuple(x.shape[1:])}.")
-        batch = jnp.concatenate([batch, jnp.transpose(extra, (0, 2, 3, 1)).astype(batch.dtype)], -1)
+        if extra.shape[1:3] != x.shape[1:]:
+            raise ValueError(f"latent denoiser: the conditioning channels {(extra.shape[3],) + tuple(extra.shape[1:3])} "
+                             f"must have the latent's size {tuple(x.shape[1:])}.")
+        batch = jnp.concatenate([batch, extra.astype(batch.dtype)], -1)
     out_u, out_c = jnp.transpose(call(params["unet"], batch, timesteps, params["context"]),
                                  (0, 3, 1, 2)).astype(x.dtype)
     if "alphas_cumprod" in params:  # v-prediction
