@@ -62,13 +62,13 @@ UNET = dict(_class_name="UNet2DConditionModel", sample_size=CANVAS, in_channels=
             block_out_channels=[16, 32, 64], layers_per_block=1,
             down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
             up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-            cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8)
+            cross_attention_dim=64, attention_head_dim=[1, 1, 2], norm_num_groups=8)
 LAYOUT_UNET = dict(UNET, in_channels=2)
 SCHEDULER = dict(_class_name="DDIMScheduler", beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                  num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, prediction_type="epsilon")
 EVALUATOR = dict(widths=(16, 32, 64), convs_per_stage=2, hidden=128, num_classes=10, resolution=CANVAS)
 # Per network: (fold_in index of its key, training steps, batch size, peak learning rate).
-TRAINING = {"text": (1, 4000, 64, 1e-3), "layout": (2, 3000, 64, 1e-3), "evaluator": (3, 1500, 128, 2e-3)}
+TRAINING = {"text": (1, 12000, 32, 1e-3), "layout": (2, 12000, 32, 1e-3), "evaluator": (3, 1500, 128, 2e-3)}
 EMA_DECAY = 0.999
 
 
@@ -232,6 +232,9 @@ def main(argv=None) -> int:
                              "of 50) as fit in it; the steps run are recorded")
     parser.add_argument("--eval-steps", type=int, default=25, help="DDIM steps of the evaluation samples")
     parser.add_argument("--time-only", action="store_true", help="time 5 training steps of each network and stop")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the diffusion models from the weights of an earlier run in RESULTS/work (a new "
+                             "learning-rate schedule; the record keeps both runs' steps and curves)")
     args = parser.parse_args(argv)
 
     key = jax.random.PRNGKey(args.seed)
@@ -267,6 +270,10 @@ def main(argv=None) -> int:
             nets = Nets(UNET if name == "text" else LAYOUT_UNET, text_dict)
             params = nets.init(int(jax.random.randint(k_init, (), 0, 2 ** 30)))
             loss = diffusion_loss(nets, alphas_cumprod, prompt_ids, name)
+            earlier = record.get(name) if args.resume else None
+            if earlier is not None:
+                params = load_params(work / f"{name}.safetensors")
+                k_fit = jax.random.fold_in(k_fit, sum(earlier.get("runs", [earlier["steps"]])))
         count = sum(p.size for p in jax.tree.leaves(params))
         if args.time_only or args.minutes:
             grad = jax.jit(jax.value_and_grad(loss))
@@ -286,11 +293,20 @@ def main(argv=None) -> int:
         init = params
         params, curve = fit(k_fit, None, params, loss, (tiles, tile_labels), steps, 2 * batch, lr,
                             ema=0.0 if name == "evaluator" else EMA_DECAY)
-        if name != "evaluator":
+        resumed = name != "evaluator" and args.resume and name in record
+        if name != "evaluator" and not resumed:  # a resumed EMA starts from trained weights: nothing to remove
             params = debias_ema(params, init, EMA_DECAY, steps)
         save_params(work / f"{name}.safetensors", params)
-        record[name] = {"steps": steps, "batch": batch, "peak_lr": lr, "parameters": count,
-                        "seconds": round(time.perf_counter() - begin, 1), "curve": curve, "final_loss": curve[-1][1]}
+        seconds = round(time.perf_counter() - begin, 1)
+        if resumed:
+            old = record[name]
+            runs = old.get("runs", [old["steps"]]) + [steps]
+            done = sum(runs[:-1])
+            curve = old["curve"] + [[done + i, v] for i, v in curve]
+            seconds = round(old["seconds"] + seconds, 1)
+            steps = sum(runs)
+        record[name] = {"steps": steps, "batch": batch, "peak_lr": lr, "parameters": count, "seconds": seconds,
+                        "curve": curve, "final_loss": curve[-1][1], **({"runs": runs} if resumed else {})}
         print(f"{name}: done in {record[name]['seconds']} s, final loss {curve[-1][1]:.4f}", flush=True)
         atomic_write_bytes(record_path, json.dumps(record, indent=1).encode())
 

@@ -78,6 +78,31 @@ def tiny_clip_dirs(tmp_path_factory):
     return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip") / "clip")
 
 
+@pytest.fixture(scope="session")
+def canvas_assets(tmp_path_factory):
+    """A canvas-assets folder of random weights of the real architectures, written by
+    experiments/train_canvas_digits.py's own writer."""
+    from experiments.tiny_models import save_sd_folder
+    from experiments.train_canvas_digits import (EVALUATOR, LAYOUT_UNET, MAX_TOKENS, SCHEDULER, UNET, Nets,
+                                                 text_config, vocabulary, write_assets)
+    from zmagic_jax.checkpoint_io import save_params
+    from zmagic_jax.models._digits import DigitClassifier, DigitClassifierConfig
+
+    root = tmp_path_factory.mktemp("canvas")
+    vocab, merges = vocabulary()
+    folders = {}
+    for seed, (name, unet) in enumerate((("text", UNET), ("layout", LAYOUT_UNET))):
+        params = Nets(unet, text_config(vocab)).init(seed)
+        folders[name] = save_sd_folder(root / "work" / name, unet=unet, unet_params=params["unet"],
+                                       text=text_config(vocab), text_params=params["text"], vocab=vocab,
+                                       merges=merges, scheduler=SCHEDULER, model_max_length=MAX_TOKENS)
+    module = DigitClassifier(config=DigitClassifierConfig(**EVALUATOR))
+    save_params(root / "work" / "evaluator.safetensors",
+                module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"])
+    write_assets(root / "assets", folders, root / "work" / "evaluator.safetensors", {}, {}, seed=0)
+    return root / "assets"
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Each test file runs whole on one pytest-xdist worker (``--dist loadgroup``), so its

@@ -4,34 +4,17 @@ layout model with its conditioning channel), and a damaged file is named. Random
 real architectures, written by the training script's own writer."""
 import shutil
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.tiny_models import save_sd_folder
-from experiments.train_canvas_digits import (EVALUATOR, LAYOUT_UNET, MAX_TOKENS, SCHEDULER, UNET, WORDS, Nets,
-                                             text_config, vocabulary, write_assets)
-from zmagic_jax.checkpoint_io import save_params
-from zmagic_jax.models._digits import DigitClassifier, DigitClassifierConfig
+from experiments.train_canvas_digits import MAX_TOKENS, WORDS, write_assets
 from zmagic_jax.ports import AssetChecksumError, load_canvas_models
 from zmagic_jax.ports import _canvas
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("canvas")
-    vocab, merges = vocabulary()
-    folders = {}
-    for seed, (name, unet) in enumerate((("text", UNET), ("layout", LAYOUT_UNET))):
-        params = Nets(unet, text_config(vocab)).init(seed)
-        folders[name] = save_sd_folder(root / "work" / name, unet=unet, unet_params=params["unet"],
-                                       text=text_config(vocab), text_params=params["text"], vocab=vocab,
-                                       merges=merges, scheduler=SCHEDULER, model_max_length=MAX_TOKENS)
-    module = DigitClassifier(config=DigitClassifierConfig(**EVALUATOR))
-    save_params(root / "work" / "evaluator.safetensors", module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"])
-    write_assets(root / "assets", folders, root / "work" / "evaluator.safetensors", {}, {}, seed=0)
-    return root / "assets"
+def assets(canvas_assets):
+    return canvas_assets
 
 
 def test_written_folders_load_as_pixel_space_models(assets):

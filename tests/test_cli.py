@@ -10,7 +10,8 @@ from zmagic_jax._io import MARKER
 pytestmark = pytest.mark.xdist_group("demo")
 from zmagic_jax.tasks import _testbed_demo
 
-ARGS = ["--dims", "2", "--samples", "32", "--steps", "10", "--no-digits"]  # digits: tests/tasks/test_digits.py
+# digits: tests/tasks/test_digits.py; canvas (AMDM): tests/test_canvas_demo.py
+ARGS = ["--dims", "2", "--samples", "32", "--steps", "10", "--no-digits", "--no-canvas"]
 FIGURES = {"cosines.png", "energy_curves_d2.png", "samples_d2.png", "landscape_d2.png"}
 
 

@@ -38,9 +38,10 @@ def _demo(args) -> int:
 
     settings = DemoSettings(seed=args.seed, dims=tuple(args.dims), num_samples=args.samples,
                             num_steps=args.steps, sampler=args.sampler, guidance_scale=args.scale)
+    from zmagic_jax.ports import load_digit_models
+
     run_digits_too = not args.no_digits
     if run_digits_too:
-        from zmagic_jax.ports import load_digit_models
         from zmagic_jax.tasks._digits import DEFAULT_RUNS, DigitSettings
 
         if args.digit_seeds < 2:
@@ -49,10 +50,25 @@ def _demo(args) -> int:
             raise ValueError(f"--digit-class must be a digit 0..9; got {args.digit_class}.")
         digit_settings = DigitSettings(target_class=args.digit_class, seeds=tuple(range(args.digit_seeds)),
                                        nan_policy=args.nan_policy)
+    run_canvas = not args.no_canvas
+    if run_canvas:
+        from zmagic_jax.tasks._canvas_demo import RUNS, CanvasDemoSettings
+
+        if not 0 <= args.canvas_digit <= 9:
+            raise ValueError(f"--canvas-digit must be a digit 0..9; got {args.canvas_digit}.")
+        try:
+            canvas_settings = CanvasDemoSettings(digit=args.canvas_digit, count=args.canvas_count,
+                                                 num_steps=args.canvas_steps)
+        except ValueError as err:
+            raise ValueError(f"--canvas-count / --canvas-steps: {err}") from err
     # The staging folder is made first (so --out is checked and known writable before any work)
     # and swapped in once, at the end.
     with atomic_output_dir(args.out, overwrite=args.overwrite, flag="--out", command="demo") as tmp:
-        digits = load_digit_models() if run_digits_too else None  # checksums first: a damaged file stops here
+        # checksums first: a damaged file stops here
+        digits = load_digit_models() if run_digits_too or run_canvas else None
+        if run_canvas:
+            from zmagic_jax.ports import load_canvas_models
+            canvas = load_canvas_models()
         with tqdm(desc="zmagic demo: tracing", unit="run", file=sys.stderr) as bar:
             def progress(label):
                 bar.update(1)
@@ -60,32 +76,50 @@ def _demo(args) -> int:
             # Every program is traced first, then all compile together on the machine's cores (XLA
             # releases the interpreter lock while compiling); the runs follow.
             plan = prepare_testbed_demo(settings)
-            bar.total = sum(len(item.runs) for item in plan.dims) + (0 if digits is None else len(DEFAULT_RUNS)) + 1
+            bar.total = sum(len(item.runs) for item in plan.dims) + (len(DEFAULT_RUNS) if run_digits_too else 0) + \
+                (len(RUNS) if run_canvas else 0) + 1
             bar.refresh()
-            if digits is not None:
+            if run_digits_too:
                 from zmagic_jax.tasks._digits import prepare_digits, run_digits, save_digits
                 prepare_digits(digits, digit_settings)
+            if run_canvas:
+                from zmagic_jax.tasks._canvas_demo import prepare_canvas_demo, run_canvas_demo, save_canvas_demo
+                canvas_plan = prepare_canvas_demo(canvas, digits, canvas_settings)
             bar.set_description("zmagic demo: compiling")
             compile_s = PROGRAMS.compile_pending(workers=2)
             report = write_testbed_demo(Path(tmp), plan, progress, compile_s=compile_s)
-            if digits is not None:
+            if run_digits_too:
                 result = run_digits(digits, digit_settings, progress=progress)
                 digit_report = save_digits(Path(tmp) / "digits", result, digits)
+            if run_canvas:
+                canvas_report = run_canvas_demo(canvas, canvas_plan, canvas_settings, progress=progress)
+                save_canvas_demo(Path(tmp) / "canvas", canvas_report, canvas_plan, canvas_settings)
             bar.update(bar.total - bar.n)
     print(f"\nExact testbed ({settings.sampler}, {settings.num_steps} steps, {settings.num_samples} samples, "
           f"seed {settings.seed}). E = final energy (mean), ED / SW = energy distance / sliced W2 to exact "
           "posterior samples, cos = mean guided-step cosine, dropped = share of (sample, step) pairs "
           "whose guidance was non-finite and left out.")
     print(_table(report))
-    if digits is not None:
+    if run_digits_too:
         from zmagic_jax.tasks._digits import digit_table
 
         print(f"\nDigits (the embedded 16x16 MNIST DDPM, {digit_settings.num_steps} {digit_settings.sampler} steps, "
               f"target class {digit_settings.target_class}, {len(digit_settings.seeds)} seeds; scores by the "
               "evaluator network, never used for guidance; mean±std over seeds).")
         print(digit_table(digit_report))
+    if run_canvas:
+        from zmagic_jax.tasks._canvas_demo import canvas_table
+
+        s = canvas_settings
+        print(f"\nAMDM on the canvas models (32x32; text model prompted \"a {s.digit}\", layout model given one box; "
+              f"{s.count} samples, DDIM {s.num_steps}, CFG {s.text_cfg:g} / {s.layout_cfg:g}, window "
+              f"{s.window[0]}..{s.window[1]}; \"A -> m\" = model m's own canvas under AMDM). Scores by the canvas "
+              "evaluator, never used for guidance: digit = it finds the digit, exact = that digit only; box IoU "
+              "of the ink's bounding box; FD of evaluator features to real canvases of the digit in the box.")
+        print(canvas_table(canvas_report))
     print(f"\ncompiling every program: {compile_s:.0f} s (all at once, 2 threads)")
-    print(f"wrote {args.out}/report.json and figures" + ("" if digits is None else f", {args.out}/digits/"))
+    print(f"wrote {args.out}/report.json and figures" + (f", {args.out}/digits/" if run_digits_too else "")
+          + (f", {args.out}/canvas/" if run_canvas else ""))
     return 0
 
 
@@ -271,6 +305,11 @@ def _add_demo(sub) -> None:
                       help="skip the image part (the embedded digits model; written to OUT/digits/)")
     demo.add_argument("--digit-class", type=int, default=3, help="target class of the digits runs (0..9)")
     demo.add_argument("--digit-seeds", type=int, default=6, help="images per digits run, seeds 0..N-1 (>= 2)")
+    demo.add_argument("--no-canvas", action="store_true",
+                      help="skip the AMDM part (the embedded canvas text and layout models; written to OUT/canvas/)")
+    demo.add_argument("--canvas-digit", type=int, default=3, help="digit the canvas text model is prompted for (0..9)")
+    demo.add_argument("--canvas-count", type=int, default=24, help="canvases per AMDM-section run (>= 2)")
+    demo.add_argument("--canvas-steps", type=int, default=25, help="DDIM steps of the AMDM section (4..1000)")
     add_nan_policy(demo)
 
 

@@ -41,6 +41,7 @@ from zmagic_jax.energies._face import (
     parsing_mse,
 )
 from zmagic_jax.energies._digits import (
+    box_energy,
     class_energy,
     class_probability,
     gram_features,

@@ -104,3 +104,26 @@ def ink_iou(x0, mask, threshold: float = 0.0):
     target = jnp.asarray(mask) > 0.5
     union = jnp.sum(ink | target)
     return jnp.where(union > 0, jnp.sum(ink & target) / jnp.maximum(union, 1), 1.0)
+
+
+def _box_energy(params, x0):
+    box, fill = params
+    if x0.shape != box.shape:
+        raise ValueError(f"box_energy: x0 shape {x0.shape} does not match the box {box.shape}.")
+    ink = (x0 + 1.0) / 2.0
+    outside = 1.0 - box
+    stray = jnp.sum(jnp.square(ink) * outside) / jnp.maximum(jnp.sum(outside), 1.0)
+    coverage = jnp.sum(ink * box) / jnp.maximum(jnp.sum(box), 1.0)
+    return stray + jnp.square(coverage - fill)
+
+
+def box_energy(box, fill=0.4) -> Energy:
+    """A layout energy without a network, for images in ``[-1, 1]`` (background -1): with ink
+    ``u = (x0 + 1) / 2``, ``E = mean_outside(u^2) + (mean_inside(u) - fill)^2``: no ink outside
+    ``box`` (any shape, the image's; 1 inside, 0 outside) and about ``fill`` of the box inked (a
+    digit covers about 40 % of its bounding box). Params ``(box, fill)``, both leaves."""
+    box = jnp.asarray(box, jnp.float32)
+    if box.ndim < 2:
+        raise ValueError(f"box_energy: box must be an image-shaped array of 0 / 1 (e.g. (1, H, W)); got "
+                         f"shape {box.shape}.")
+    return Energy(_box_energy, (box, jnp.float32(fill)))
