@@ -209,7 +209,7 @@ def prepare_canvas_demo(canvas, digits, settings: CanvasDemoSettings = CanvasDem
     return CanvasPlan(runs, held[settings.layout_source], box, real)
 
 
-def _scores(canvas, images, box, digit, real_features, programs) -> tuple:
+def _scores(canvas, images, box, digit, real_features, programs) -> dict:
     (probs, features), _, _ = programs.call(_evaluate, (canvas.evaluator.params, jnp.asarray(images[..., None])),
                                             {"module": canvas.evaluator.module})
     found = np.asarray(probs) >= 0.5
@@ -218,7 +218,7 @@ def _scores(canvas, images, box, digit, real_features, programs) -> tuple:
     scores = {"digit": float(found[:, digit].mean()), "exact": float(np.all(found == truth, -1).mean()),
               "box_iou": float(box_iou(images, box).mean()), "ink_in_box": float(ink_in_box(images, box).mean()),
               "frechet": float(frechet_distance(np.asarray(features, np.float64), real_features))}
-    return scores, np.asarray(features, np.float64)
+    return scores
 
 
 def run_canvas_demo(canvas, plan: CanvasPlan, settings: CanvasDemoSettings, *, programs: Optional[Programs] = None,
@@ -245,10 +245,10 @@ def run_canvas_demo(canvas, plan: CanvasPlan, settings: CanvasDemoSettings, *, p
             for k, model in enumerate(("text", "layout")):
                 label = f"{name} -> {model}"
                 images[label] = x0[:, k, 0]
-                rows[label] = _scores(canvas, images[label], plan.box, settings.digit, real_features, programs)[0]
+                rows[label] = _scores(canvas, images[label], plan.box, settings.digit, real_features, programs)
         else:
             images[name] = x0[:, 0]
-            rows[name] = _scores(canvas, images[name], plan.box, settings.digit, real_features, programs)[0]
+            rows[name] = _scores(canvas, images[name], plan.box, settings.digit, real_features, programs)
         timing[name] = {"compile_s": round(compile_s, 2), "run_s": round(run_s, 2)}
         if progress is not None:
             progress(f"canvas: {name}")
