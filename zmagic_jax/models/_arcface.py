@@ -25,7 +25,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zmagic_jax.models._layers import Affine, PReLU
+from zmagic_jax.models._layers import Affine, Conv, PReLU
 from zmagic_jax.models._resize import adaptive_avg_pool_torch
 
 STAGE_UNITS = {50: (3, 4, 14, 3), 100: (3, 13, 30, 3), 152: (3, 8, 36, 3)}
@@ -78,7 +78,7 @@ class ArcFaceConfig:
 
 def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
     pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+    return Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
                    use_bias=False, name=name)
 
 

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from zmagic_jax.models._diffusers_config import config_from_diffusers
+from zmagic_jax.models._layers import Conv
 from zmagic_jax.models._sd_layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
 
 _EPS = 1e-6  # diffusers hard-codes the VAE's normalisation eps
@@ -221,8 +222,8 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(cfg, self.dtype, self.remat)
         self.decoder = Decoder(cfg, self.dtype, self.remat)
         one_by_one = dict(kernel_size=(1, 1), dtype=self.dtype, param_dtype=jnp.float32)
-        self.quant_conv = nn.Conv(2 * cfg.latent_channels, **one_by_one) if cfg.use_quant_conv else None
-        self.post_quant_conv = nn.Conv(cfg.latent_channels, **one_by_one) if cfg.use_post_quant_conv else None
+        self.quant_conv = Conv(2 * cfg.latent_channels, **one_by_one) if cfg.use_quant_conv else None
+        self.post_quant_conv = Conv(cfg.latent_channels, **one_by_one) if cfg.use_post_quant_conv else None
 
     def encode(self, x):
         cfg = self.config

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from zmagic_jax.models._layers import Affine
+from zmagic_jax.models._layers import Affine, Conv
 from zmagic_jax.models._resize import IMAGENET_MEAN, IMAGENET_STD, normalize_signed, resize_bicubic_torch
 
 
@@ -100,7 +100,7 @@ def resize_bilinear_align_corners(x, out_hw):
 
 def _conv(features, kernel, stride=1, name=None):
     pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+    return Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
                    use_bias=False, name=name)
 
 

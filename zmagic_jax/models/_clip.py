@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from zmagic_jax.models._attention import attention
 from zmagic_jax._state_dict import params_from_torch, torch_from_params, torch_key
+from zmagic_jax.models._attention import attention
+from zmagic_jax.models._layers import Conv
 
 # transformers' ACT2FN entries CLIP checkpoints use: "quick_gelu" (QuickGELUActivation) and
 # "gelu" (GELUActivation, torch's exact erf form).
@@ -333,7 +334,7 @@ class CLIPVisionEmbeddings(nn.Module):
         cfg = self.config
         width, patch = cfg.hidden_size, cfg.patch_size
         class_embedding = self.param("class_embedding", nn.initializers.normal(1.0), (width,), jnp.float32)
-        patches = nn.Conv(width, (patch, patch), strides=(patch, patch), padding="VALID", use_bias=False,
+        patches = Conv(width, (patch, patch), strides=(patch, patch), padding="VALID", use_bias=False,
                           dtype=self.dtype, name="patch_embedding")(pixel_values)
         batch = patches.shape[0]
         # row-major over the patch grid, as torch's flatten(2) of (B, D, h, w)

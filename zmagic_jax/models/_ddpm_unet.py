@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from zmagic_jax.contracts import Denoiser, static_partial
+from zmagic_jax.models._layers import Conv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,12 +95,12 @@ class _ResnetBlock(nn.Module):
     @nn.compact
     def __call__(self, x, temb):
         h = nn.swish(_norm(self.config, "norm1")(x))
-        h = nn.Conv(self.out_channels, (3, 3), padding=1, name="conv1")(h)
+        h = Conv(self.out_channels, (3, 3), padding=1, name="conv1")(h)
         h = h + nn.Dense(self.out_channels, name="temb_proj")(nn.swish(temb))[:, None, None, :]
         h = nn.swish(_norm(self.config, "norm2")(h))
-        h = nn.Conv(self.out_channels, (3, 3), padding=1, name="conv2")(h)
+        h = Conv(self.out_channels, (3, 3), padding=1, name="conv2")(h)
         if x.shape[-1] != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), name="nin_shortcut")(x)
+            x = Conv(self.out_channels, (1, 1), name="nin_shortcut")(x)
         return x + h
 
 
@@ -113,10 +114,10 @@ class _AttnBlock(nn.Module):
     def __call__(self, x):
         b, hgt, wid, c = x.shape
         h = _norm(self.config, "norm")(x)
-        q, k, v = (nn.Conv(c, (1, 1), name=n)(h).reshape(b, hgt * wid, c) for n in ("q", "k", "v"))
+        q, k, v = (Conv(c, (1, 1), name=n)(h).reshape(b, hgt * wid, c) for n in ("q", "k", "v"))
         weights = nn.softmax(jnp.einsum("bic,bjc->bij", q, k) * c ** -0.5, axis=-1)
         h = jnp.einsum("bij,bjc->bic", weights, v).reshape(b, hgt, wid, c)
-        return x + nn.Conv(c, (1, 1), name="proj_out")(h)
+        return x + Conv(c, (1, 1), name="proj_out")(h)
 
 
 class _Downsample(nn.Module):
@@ -129,7 +130,7 @@ class _Downsample(nn.Module):
         if not self.with_conv:
             return nn.avg_pool(x, (2, 2), strides=(2, 2))
         x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding="VALID", name="conv")(x)
+        return Conv(x.shape[-1], (3, 3), strides=(2, 2), padding="VALID", name="conv")(x)
 
 
 class _Upsample(nn.Module):
@@ -141,7 +142,7 @@ class _Upsample(nn.Module):
     def __call__(self, x):
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         if self.with_conv:
-            x = nn.Conv(x.shape[-1], (3, 3), padding=1, name="conv")(x)
+            x = Conv(x.shape[-1], (3, 3), padding=1, name="conv")(x)
         return x
 
 
@@ -177,7 +178,7 @@ class DDPMUNet(nn.Module):
 
         levels = len(cfg.ch_mult)
         sizes = cfg.level_resolutions()
-        hs = [nn.Conv(cfg.ch, (3, 3), padding=1, name="conv_in")(x)]
+        hs = [Conv(cfg.ch, (3, 3), padding=1, name="conv_in")(x)]
         for i in range(levels):
             for j in range(cfg.num_res_blocks):
                 h = _ResnetBlock(cfg, cfg.ch * cfg.ch_mult[i], name=f"down_{i}_block_{j}")(hs[-1], temb)
@@ -202,7 +203,7 @@ class DDPMUNet(nn.Module):
                 h = _Upsample(cfg.resamp_with_conv, name=f"up_{i}_upsample")(h)
 
         h = nn.swish(_norm(cfg, "norm_out")(h))
-        return nn.Conv(cfg.out_ch, (3, 3), padding=1, name="conv_out")(h)
+        return Conv(cfg.out_ch, (3, 3), padding=1, name="conv_out")(h)
 
 
 def _ddpm_eps(module: DDPMUNet, params, x, t):

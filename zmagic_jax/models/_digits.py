@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zmagic_jax.models._ddpm_unet import DDPMUNet, DDPMUNetConfig
-from zmagic_jax.models._layers import Net
+from zmagic_jax.models._layers import Conv, Net
 
 NETWORKS = ("unet", "classifier", "segmenter", "features", "evaluator")
 
@@ -74,7 +74,7 @@ class DigitClassifier(nn.Module):
         h = x
         for i, width in enumerate(cfg.widths):
             for j in range(cfg.convs_per_stage):
-                h = nn.swish(nn.Conv(width, (3, 3), padding=1, name=f"conv_{i}_{j}")(h))
+                h = nn.swish(Conv(width, (3, 3), padding=1, name=f"conv_{i}_{j}")(h))
             stages.append(h)
             if i != len(cfg.widths) - 1:
                 h = nn.avg_pool(h, (2, 2), strides=(2, 2))
@@ -109,8 +109,8 @@ class DigitSegmenter(nn.Module):
         _check_input(x, cfg.resolution, "DigitSegmenter")
         h = x
         for i, (width, dilation) in enumerate(zip(cfg.widths, cfg.dilations)):
-            h = nn.swish(nn.Conv(width, (3, 3), padding=dilation, kernel_dilation=dilation, name=f"conv_{i}")(h))
-        return nn.Conv(1, (1, 1), name="out")(h)[..., 0]
+            h = nn.swish(Conv(width, (3, 3), padding=dilation, kernel_dilation=dilation, name=f"conv_{i}")(h))
+        return Conv(1, (1, 1), name="out")(h)[..., 0]
 
 
 def _check_input(x, resolution: int, who: str) -> None:

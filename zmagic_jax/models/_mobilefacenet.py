@@ -22,7 +22,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zmagic_jax.models._layers import Affine, PReLU
+from zmagic_jax.models._layers import Affine, Conv, PReLU
 from zmagic_jax.models._resize import check_box, resize_bicubic_torch
 
 
@@ -69,7 +69,7 @@ class ConvBN(nn.Module):
     @nn.compact
     def __call__(self, x):
         pad = ((self.padding, self.padding), (self.padding, self.padding))
-        x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride), padding=pad,
+        x = Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride), padding=pad,
                     feature_group_count=self.features if self.depthwise else 1, use_bias=False, name="conv")(x)
         x = Affine(name="bn")(x)
         return PReLU(name="prelu")(x) if self.prelu else x

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from zmagic_jax.models._layers import PReLU
+from zmagic_jax.models._layers import Conv, PReLU
 from zmagic_jax.models._resize import adaptive_avg_pool_torch, check_box
 
 # facenet-pytorch normalises uint8 pixels p as (p - 127.5) * 0.0078125 (= 1/128); with
@@ -96,7 +96,7 @@ class ONet(nn.Module):
             raise ValueError(f"ONet: expected crops of shape (B, {cfg.input_size}, {cfg.input_size}, 3), "
                              f"got {x.shape}; use onet_preprocess to crop and resize")
         for i, (width, (kernel, pool)) in enumerate(zip(cfg.widths, _LAYERS), start=1):
-            x = nn.Conv(width, (kernel, kernel), padding="VALID", name=f"conv{i}")(x)
+            x = Conv(width, (kernel, kernel), padding="VALID", name=f"conv{i}")(x)
             x = PReLU(name=f"prelu{i}")(x)
             if pool is not None:
                 x = _max_pool_ceil(x, *pool)

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from zmagic_jax.models._attention import attention
+from zmagic_jax.models._layers import Conv
 
 
 def group_norm(groups: int, eps: float, dtype: Any, name: str) -> nn.GroupNorm:
@@ -29,7 +30,7 @@ def group_norm(groups: int, eps: float, dtype: Any, name: str) -> nn.GroupNorm:
 def conv(features: int, kernel: int, dtype: Any, name: str, *, stride: int = 1, padding=None) -> nn.Conv:
     """``torch.nn.Conv2d(., features, kernel, stride, padding)`` (default padding ``kernel // 2``)."""
     pad = kernel // 2 if padding is None else padding
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+    return Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((pad, pad), (pad, pad)) if isinstance(pad, int) else pad,
                    dtype=dtype, param_dtype=jnp.float32, name=name)
 
