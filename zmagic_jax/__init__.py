@@ -10,7 +10,8 @@ parameters and a :class:`StepRule` whose numbers are leaves, a scheme its condit
 ``direction`` method. :func:`step` and :func:`sample_chain` are pure kernels for your own
 ``jit`` / ``vmap`` / ``grad``; :func:`sample` is the jitted, batched, sharded convenience.
 AMDM (several models sampled together, their states aggregated) has the same three layers:
-:func:`aggregate_step`, :func:`aggregate_chain`, :func:`aggregate_sample`.
+:func:`aggregate_step`, :func:`aggregate_chain`, :func:`aggregate_sample`. COW (cyclic one-way
+diffusion, a visual condition kept exact while the rest grows around it) is :mod:`zmagic_jax.oneway`.
 """
 from zmagic_jax.aggregation import (
     AggregateContext,
@@ -33,6 +34,7 @@ from zmagic_jax.aggregation import (
     slerp,
     stack_denoisers,
 )
+from zmagic_jax import oneway
 from zmagic_jax.contracts import Denoiser, Energy, static_partial
 from zmagic_jax.geometry import energy_curves, guided_cosines, loss_landscape, mean_guided_cosine
 from zmagic_jax.samplers import (
