@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zmagic_jax.energies import box_energy
+from zmagic_jax.energies import box_energy, class_energy, tile_class_energy
 from zmagic_jax import cli
 from zmagic_jax.tasks._canvas_demo import (CanvasDemoSettings, _amdm, box_iou, canvas_table, ink_in_box, place,
                                            prepare_canvas_demo, run_canvas_demo, save_canvas_demo)
@@ -16,8 +16,9 @@ from zmagic_jax.tasks._recipe import PROGRAMS, sample_batch
 
 pytestmark = pytest.mark.xdist_group("canvas")
 # Measured at COUNT, STEPS on the shipped models: text finds the digit 0.75 (layout 0.12); ink in
-# the box: layout 0.63 (text 0.21); text + box guidance (scale 100): digit 0.75, ink in box 0.77.
-TEXT_DIGIT_FLOOR, LAYOUT_INK_FLOOR, GUIDED_INK_FLOOR = 0.4, 0.35, 0.45
+# the box: layout 1.00, box IoU 1.00 (text 0.21, 0.12); text + box guidance (scale 100): digit
+# 0.75, ink in box 0.77; layout + digit guidance (scale 4): digit 1.00, box IoU 1.00.
+TEXT_DIGIT_FLOOR, LAYOUT_INK_FLOOR, GUIDED_INK_FLOOR, DIGIT_GUIDED_FLOOR = 0.4, 0.5, 0.45, 0.5
 
 
 def test_box_energy_and_its_gradient_by_hand():
@@ -37,6 +38,27 @@ def test_box_energy_and_its_gradient_by_hand():
                                rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="does not match the box"):
         energy(jnp.zeros((1, 5, 5)))
+
+
+def test_tile_class_energy_is_the_class_energy_of_its_window():
+    from zmagic_jax.ports import load_digit_models
+
+    net = load_digit_models().classifier
+    x0 = jax.random.uniform(jax.random.PRNGKey(0), (1, 32, 32), minval=-1, maxval=1)
+    energy = tile_class_energy(net, jnp.int32(7), (5, 11))
+    window = jnp.moveaxis(x0[:, 5:21, 11:27], 0, -1)
+    assert float(energy(x0)) == pytest.approx(float(class_energy(net, 7)(window)), rel=1e-6)
+    grad = jax.grad(energy.fn, argnums=1)(energy.params, x0)
+    outside = np.ones((1, 32, 32), bool)
+    outside[:, 5:21, 11:27] = False
+    assert np.all(np.asarray(grad)[outside] == 0) and np.abs(np.asarray(grad)[~outside]).max() > 0
+    # label and position are leaves: another value, the same function
+    other = tile_class_energy(net, jnp.int32(2), (0, 16))
+    assert other.fn == energy.fn
+    assert float(other(x0)) == pytest.approx(float(class_energy(net, 2)(jnp.moveaxis(x0[:, 0:16, 16:32], 0, -1))),
+                                             rel=1e-6)
+    with pytest.raises(ValueError, match="channels-first"):
+        energy(jnp.zeros((32, 32, 1)))
 
 
 def test_placed_layout_and_scores_by_hand():
@@ -82,7 +104,7 @@ def section():
 
 def test_the_section_runs_and_writes_its_files(section, tmp_path):
     canvas, digits, settings, plan, report = section
-    labels = ["text", "layout", "text + box guidance", "amdm released -> text", "amdm released -> layout",
+    labels = ["text", "layout", "text + box guidance", "layout + digit guidance", "amdm released -> text", "amdm released -> layout",
               "amdm slerp -> text", "amdm slerp -> layout"]
     assert sorted(report["rows"]) == sorted(labels)
     for label in labels:
@@ -103,29 +125,35 @@ def test_each_model_controls_its_aspect(section):
     """The shipped models against the evaluator (which guides nothing): the text model draws the
     digit it is prompted for far more often than the layout model (which is not told the digit),
     the layout model puts the ink in its box far better than the text model (which is not told the
-    box); the text model guided by the box energy gets both. Floors: about half the values
+    box); each model guided by the other's condition gets both. Floors: about half the values
     measured at this setting."""
     rows = section[-1]["rows"]
     text, layout, guided = rows["text"], rows["layout"], rows["text + box guidance"]
     assert text["digit"] >= TEXT_DIGIT_FLOOR and text["digit"] >= layout["digit"] + 0.3
     assert layout["ink_in_box"] >= LAYOUT_INK_FLOOR and layout["ink_in_box"] >= text["ink_in_box"] + 0.2
+    assert layout["box_iou"] >= LAYOUT_INK_FLOOR and layout["box_iou"] >= text["box_iou"] + 0.3
     assert guided["digit"] >= TEXT_DIGIT_FLOOR
     assert guided["ink_in_box"] >= max(GUIDED_INK_FLOOR, text["ink_in_box"] + 0.3)
+    by_digit = rows["layout + digit guidance"]
+    assert by_digit["digit"] >= max(DIGIT_GUIDED_FLOOR, layout["digit"] + 0.2)
+    assert by_digit["box_iou"] >= LAYOUT_INK_FLOOR
 
 
 def test_every_value_is_an_argument(section):
-    """Another digit, layout, box scale and AMDM numbers reuse the compiled programs; a box scale
-    of 0 gives the unguided text run."""
+    """Another digit, layout, guidance scales and AMDM numbers reuse the compiled programs; scales
+    of 0 give the unguided runs."""
     canvas, digits, _, _, report = section
     before = {fn: len(PROGRAMS.compiled(fn)) for fn in (sample_batch, _amdm)}
     settings = CanvasDemoSettings(digit=7, count=COUNT, num_steps=STEPS, window=(3, 3), weight=1.0, step_scale=0.0,
-                                  box_scale=0.0, position=(4, 4))
+                                  box_scale=0.0, digit_scale=0.0, position=(4, 4))
     plan = prepare_canvas_demo(canvas, digits, settings)
     assert PROGRAMS.compile_pending(2) == pytest.approx(0, abs=0.5)
     assert {fn: len(PROGRAMS.compiled(fn)) for fn in before} == before
-    again = run_canvas_demo(canvas, plan, settings, only=("text", "text + box guidance"))
+    again = run_canvas_demo(canvas, plan, settings, only=("text", "layout", "text + box guidance",
+                                                          "layout + digit guidance"))
     # (another program: XLA may order the sums differently, so equal to round-off, not bit for bit)
     np.testing.assert_allclose(again["images"]["text + box guidance"], again["images"]["text"], atol=1e-4)
+    np.testing.assert_allclose(again["images"]["layout + digit guidance"], again["images"]["layout"], atol=1e-4)
     assert not np.array_equal(again["images"]["text"], report["images"]["text"])
 
 

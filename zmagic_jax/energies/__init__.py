@@ -50,4 +50,5 @@ from zmagic_jax.energies._digits import (
     layout_energy,
     style_distance,
     style_energy,
+    tile_class_energy,
 )

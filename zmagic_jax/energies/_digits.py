@@ -10,6 +10,7 @@ Guidance energies (networks trained by the project, ``experiments/train_digits.p
 * class: ``-log p(label | x0)`` of the guidance classifier;
 * layout: mean binary cross-entropy between the segmenter's ink logits and a target ink mask
   ``(H, W)`` in ``{0, 1}`` (where the digit's strokes should be);
+* tile class: the class energy of one window of a larger canvas (:func:`tile_class_energy`);
 * style: ``sum_s |G_s(x0) - G_s(ref)|_F`` over the feature net's stages, ``G = F^T F / (h w)`` of
   the stage's ``(h w, c)`` activations (a Gram / texture statistic: stroke width and contrast,
   not where the strokes are).
@@ -127,3 +128,24 @@ def box_energy(box, fill=0.4) -> Energy:
         raise ValueError(f"box_energy: box must be an image-shaped array of 0 / 1 (e.g. (1, H, W)); got "
                          f"shape {box.shape}.")
     return Energy(_box_energy, (box, jnp.float32(fill)))
+
+
+def _tile_class_energy(module, size, params, x0):
+    weights, label, position = params
+    if x0.ndim != 3 or x0.shape[0] != 1 or min(x0.shape[1:]) < size:
+        raise ValueError(f"tile_class_energy: x0 must be one channels-first (1, H, W) canvas with H, W >= {size}; "
+                         f"got shape {x0.shape}.")
+    tile = jax.lax.dynamic_slice(x0, (0, position[0], position[1]), (1, size, size))
+    return _class_energy(module, (weights, label), jnp.moveaxis(tile, 0, -1))
+
+
+def tile_class_energy(net: Net, label, position, size: int = 16) -> Energy:
+    """``E(x0) = -log p(label | tile)`` under the digits classifier ``net``, where ``tile`` is the
+    ``size x size`` window of a channels-first canvas ``x0 (1, H, W)`` whose top-left corner is
+    ``position = (row, col)`` (clamped into the canvas, as ``lax.dynamic_slice`` does). The class
+    condition of a canvas whose layout says where the digit goes. Params ``(net.params, label,
+    position)``, all leaves: one compiled program serves every label and position."""
+    position = jnp.asarray(position, jnp.int32)
+    if position.shape != (2,):
+        raise ValueError(f"tile_class_energy: position must be (row, col); got shape {position.shape}.")
+    return Energy(static_partial(_tile_class_energy, net.module, int(size)), (net.params, label, position))

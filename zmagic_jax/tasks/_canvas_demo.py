@@ -12,7 +12,10 @@ from ``fold_in(PRNGKey(seed), k)``, one per sample):
   the released merge ``w x1 + sqrt(1 - w^2) x2`` or the true slerp; each model's own final
   canvas is scored (the release returns both);
 * ``text + box guidance``: the text model guided by the layout's condition, the
-  :func:`~zmagic_jax.energies.box_energy` of the box with FreeDoM's rule (independent scheme).
+  :func:`~zmagic_jax.energies.box_energy` of the box with FreeDoM's rule (independent scheme);
+* ``layout + digit guidance``: the layout model guided by the text's condition, the digits
+  assets' guidance classifier on the 16 x 16 window at ``position``
+  (:func:`~zmagic_jax.energies.tile_class_energy`, FreeDoM's rule).
 
 Scores come from the canvas evaluator, which guides nothing: ``digit`` (the evaluator finds the
 digit), ``exact`` (it finds that digit and no other), ``box IoU`` (the ink's bounding box, pixels
@@ -33,7 +36,7 @@ import numpy as np
 
 from zmagic_jax import figures
 from zmagic_jax.aggregation import aggregate_chain, aggregation, aggregation_contexts, release_steps
-from zmagic_jax.energies import box_energy
+from zmagic_jax.energies import box_energy, tile_class_energy
 from zmagic_jax.metrics import frechet_distance
 from zmagic_jax.models import encode_prompt, latent_denoiser
 from zmagic_jax.samplers import ddim, step_contexts
@@ -43,7 +46,7 @@ from zmagic_jax.tasks._outputs import save_image_grid
 from zmagic_jax.tasks._recipe import (PROGRAMS, Programs, check_int, check_positive, model_grid, sample_batch,
                                       skips)
 
-RUNS = ("text", "layout", "amdm released", "amdm slerp", "text + box guidance")
+RUNS = ("text", "layout", "amdm released", "amdm slerp", "text + box guidance", "layout + digit guidance")
 TILE = 16
 
 
@@ -60,7 +63,8 @@ class CanvasDemoSettings:
     weight / window / step_scale: AMDM's ``w``, aggregation window (loop indices) and the deviation
       step lengths as a multiple of the release's rescaled to the canvas
       (:func:`~zmagic_jax.release_steps`: 55 / 45 x sqrt(1024 / 16384) = 13.75 / 11.25).
-    box_scale: the FreeDoM scale of the box energy in the guided run.
+    box_scale: the FreeDoM scale of the box energy in the text model's guided run.
+    digit_scale: the FreeDoM scale of the digit (tile class) energy in the layout model's guided run.
     """
 
     digit: int = 3
@@ -75,6 +79,7 @@ class CanvasDemoSettings:
     window: tuple = (1, 3)
     step_scale: float = 1.0
     box_scale: float = 100.0
+    digit_scale: float = 4.0
 
     def __post_init__(self):
         who = "CanvasDemoSettings"
@@ -89,7 +94,7 @@ class CanvasDemoSettings:
         check_int(self.count, who, "count", 2)
         check_int(self.seed, who, "seed", 0)
         check_int(self.num_steps, who, "num_steps", 4, 1000)
-        for name in ("text_cfg", "layout_cfg", "step_scale", "box_scale"):
+        for name in ("text_cfg", "layout_cfg", "step_scale", "box_scale", "digit_scale"):
             check_positive(getattr(self, name), who, name, zero=True)
         if not 0.0 <= float(self.weight) <= 1.0:
             raise ValueError(f"{who}: weight must be in [0, 1]; got {self.weight!r}.")
@@ -191,10 +196,14 @@ def prepare_canvas_demo(canvas, digits, settings: CanvasDemoSettings = CanvasDem
     layout_den = latent_denoiser(layout, empty, empty, jnp.float32(settings.layout_cfg),
                                  extra=jnp.stack([jnp.zeros_like(box_c), box_c]))
     sampler = ddim(0.0)
-    guided = independent([condition("box", box_energy(box_c), freedom_rule(jnp.float32(settings.box_scale)))])
+    by_box = independent([condition("box", box_energy(box_c), freedom_rule(jnp.float32(settings.box_scale)))])
+    by_digit = independent([condition("digit", tile_class_energy(digits.classifier, jnp.int32(settings.digit),
+                                                                 settings.position, TILE),
+                                      freedom_rule(jnp.float32(settings.digit_scale)))])
     runs = {}
     for name, den, x, scheme in (("text", text_den, x_T[0], none()), ("layout", layout_den, x_T[1], none()),
-                                 ("text + box guidance", text_den, x_T[0], guided)):
+                                 ("text + box guidance", text_den, x_T[0], by_box),
+                                 ("layout + digit guidance", layout_den, x_T[1], by_digit)):
         runs[name] = (sample_batch, (keys, x, contexts, den, scheme, sampler), skips(scheme, contexts))
     steps = tuple(settings.step_scale * p for p in release_steps(2, shape))
     stacked_x = jnp.stack(x_T, 1)
