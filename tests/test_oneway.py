@@ -205,3 +205,40 @@ def test_seed_canvas_by_hand_and_its_errors():
         keep = args.pop("keep", "ones")
         with pytest.raises(ValueError, match=message):
             oneway.seed_canvas(cond, args["mask"], args["position"], args["canvas_shape"], keep=keep)
+
+
+def test_replacement_pastes_the_next_level_after_every_step(x64):
+    """Inpainting by replacement by hand: DDIM (eta 0) from level N, pasting z_{k-1} after the step
+    k -> k - 1; the last paste puts the condition itself in its region."""
+    den, ctx, _, _, _, mask = _setup(jnp.float64)
+    condition = jax.random.normal(jax.random.PRNGKey(1), (DIM,), jnp.float64)
+    anchors = oneway.invert_levels(condition, ctx, N, denoiser=den)
+    x_T = jax.random.normal(jax.random.PRNGKey(5), (DIM,), jnp.float64)
+    out = oneway.replacement_chain(jax.random.PRNGKey(6), x_T, anchors, mask, ctx, denoiser=den, sampler=zm.ddim(0.0))
+    lv = oneway.levels(ctx)
+    x, inside = np.asarray(x_T), np.asarray(mask) > 0.5
+    for k in range(N, 0, -1):
+        ab, ab_next = float(lv.alpha_bar[k]), float(lv.alpha_bar[k - 1])
+        eps = np.asarray(den(jnp.asarray(x), int(lv.t[k])))
+        x = np.sqrt(ab_next) * (x - np.sqrt(1 - ab) * eps) / np.sqrt(ab) + np.sqrt(1 - ab_next) * eps
+        x = np.where(inside, np.asarray(anchors[k - 1]), x)
+    np.testing.assert_allclose(out, x, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(np.asarray(out)[inside], np.asarray(condition)[inside])
+    with pytest.raises(ValueError, match="anchors must hold levels 0..9"):
+        oneway.replacement_chain(jax.random.PRNGKey(6), x_T, anchors[:5], mask, ctx, denoiser=den,
+                                 sampler=zm.ddim(0.0))
+
+
+def test_a_cycle_denoiser_may_depend_on_the_cycle_index():
+    """cycle_denoiser=f(c) is called with c = 0 .. C - 1: with eps scaled by 1 + c, one cycle equals
+    the unscaled run and a second cycle differs from it."""
+    den, ctx, _, anchors, start, mask = _setup(cycles=1)
+    scaled = lambda c: zm.Denoiser(lambda p, x, t: p * den(x, t), 1.0 + c)
+    for cycles, same in ((1, True), (2, False)):
+        settings = oneway.one_way(N, cycles=cycles)
+        run = lambda cd: oneway.one_way_chain(jax.random.PRNGKey(3), start, anchors, mask, ctx, denoiser=den,
+                                              settings=settings, cycle_denoiser=cd)
+        assert np.allclose(run(scaled), run(den), rtol=1e-6, atol=1e-6) == same
+    with pytest.raises(ValueError, match="cycle_denoiser must be a Denoiser or a function"):
+        oneway.one_way_chain(jax.random.PRNGKey(3), start, anchors, mask, ctx, denoiser=den, settings=settings,
+                             cycle_denoiser=3)

@@ -11,7 +11,8 @@ parameters and a :class:`StepRule` whose numbers are leaves, a scheme its condit
 ``jit`` / ``vmap`` / ``grad``; :func:`sample` is the jitted, batched, sharded convenience.
 AMDM (several models sampled together, their states aggregated) has the same three layers:
 :func:`aggregate_step`, :func:`aggregate_chain`, :func:`aggregate_sample`. COW (cyclic one-way
-diffusion, a visual condition kept exact while the rest grows around it) is :mod:`zmagic_jax.oneway`.
+diffusion, a visual condition kept exact while the rest grows around it) is :mod:`zmagic_jax.oneway`,
+SOW's attention modulation :mod:`zmagic_jax.modulation`.
 """
 from zmagic_jax.aggregation import (
     AggregateContext,
@@ -34,7 +35,7 @@ from zmagic_jax.aggregation import (
     slerp,
     stack_denoisers,
 )
-from zmagic_jax import oneway
+from zmagic_jax import modulation, oneway
 from zmagic_jax.contracts import Denoiser, Energy, static_partial
 from zmagic_jax.geometry import energy_curves, guided_cosines, loss_landscape, mean_guided_cosine
 from zmagic_jax.samplers import (

@@ -40,7 +40,7 @@ Every function is pure and un-jitted, for one sample (vmap over seeds).
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -257,7 +257,8 @@ class OneWayInfo(NamedTuple):
 
 
 def one_way_chain(key, x, anchors, mask, contexts: StepContext, *, denoiser: Denoiser, settings: OneWay,
-                  cycle_denoiser: Optional[Denoiser] = None, record: bool = False) -> Any:
+                  cycle_denoiser: Optional[Denoiser | Callable[[jnp.ndarray], Denoiser]] = None,
+                  record: bool = False) -> Any:
     """COW's cycles and final pass for one sample, pure and un-jitted (vmap over seeds).
 
     Args:
@@ -268,7 +269,9 @@ def one_way_chain(key, x, anchors, mask, contexts: StepContext, *, denoiser: Den
       mask: 1 inside the condition region, 0 elsewhere (broadcast to ``x``).
       contexts: the grid's stacked :class:`~zmagic_jax.StepContext`.
       denoiser: the final pass's noise predictor, and the cycles' unless ``cycle_denoiser`` is given
-        (e.g. the release's masked four-way CFG).
+        (e.g. the release's masked four-way CFG), or a function of the cycle index ``c`` (a float32
+        scalar, traced; ``0 .. C - 1``) returning the cycle's denoiser (SOW's temporally decaying
+        attention modulation: ``lambda c: zm.modulation.at_cycle(modulated, c)``).
       settings: :func:`one_way`.
       record: also return :class:`OneWayInfo`.
 
@@ -281,7 +284,15 @@ def one_way_chain(key, x, anchors, mask, contexts: StepContext, *, denoiser: Den
     if anchors.shape[0] < b + 1 or anchors.shape[1:] != x.shape:
         raise ValueError(f"one_way_chain: anchors must hold levels 0..{b} of the state's shape {x.shape}; got shape "
                          f"{anchors.shape}.")
-    cycle_den = denoiser if cycle_denoiser is None else cycle_denoiser
+    if cycle_denoiser is None:
+        cycle_den = lambda c: denoiser
+    elif isinstance(cycle_denoiser, Denoiser):
+        cycle_den = lambda c: cycle_denoiser
+    elif callable(cycle_denoiser):
+        cycle_den = cycle_denoiser
+    else:
+        raise ValueError(f"one_way_chain: cycle_denoiser must be a Denoiser or a function of the cycle index "
+                         f"returning one; got {type(cycle_denoiser).__name__}.")
     level = levels(contexts)
     up = 1 if settings.jump == "released" else 0
     ab_from, ab_to = level.alpha_bar[r + up], level.alpha_bar[b + up]
@@ -289,14 +300,16 @@ def one_way_chain(key, x, anchors, mask, contexts: StepContext, *, denoiser: Den
     inner_anchors = anchors[r:b][::-1]
     key_cycles, key_final = jax.random.split(key)
 
-    def cycle(x, k):
+    def cycle(x, xs):
+        k, c = xs
         k_jump, k_steps = jax.random.split(k)
         x = paste(noise_jump(k_jump, x, ab_from, ab_to), anchors[b], mask)
         first = x
-        x, states = _run(k_steps, x, inner, cycle_den, settings.cycle_sampler, inner_anchors, mask)
+        x, states = _run(k_steps, x, inner, cycle_den(c), settings.cycle_sampler, inner_anchors, mask)
         return x, jnp.concatenate([first[None], states])
 
-    x, cycle_states = jax.lax.scan(cycle, x, jax.random.split(key_cycles, settings.cycles))
+    x, cycle_states = jax.lax.scan(cycle, x, (jax.random.split(key_cycles, settings.cycles),
+                                              jnp.arange(settings.cycles, dtype=jnp.float32)))
     k1, k2 = jax.random.split(key_final)
     x, _ = _run(k1, x, _segment(contexts, n - r, n - p), denoiser, settings.final_sampler)
     x = paste(x, anchors[p], mask)
@@ -305,3 +318,15 @@ def one_way_chain(key, x, anchors, mask, contexts: StepContext, *, denoiser: Den
     if record:
         return x, OneWayInfo(cycle_states, preserved)
     return x
+
+
+def replacement_chain(key, x, anchors, mask, contexts: StepContext, *, denoiser: Denoiser, sampler: Sampler):
+    """Inpainting by replacement, the baseline without cycles: from ``x`` at the grid's first level
+    N, every step ``k -> k - 1`` is followed by pasting the anchor of level ``k - 1`` (levels
+    ``0 .. N - 1`` of ``anchors``, e.g. :func:`invert_levels` up to N), so the last paste puts the
+    condition itself in its region. Pure and un-jitted, for one sample."""
+    n = int(contexts.t.shape[0])
+    if anchors.shape[0] < n or anchors.shape[1:] != x.shape:
+        raise ValueError(f"replacement_chain: anchors must hold levels 0..{n - 1} of the state's shape {x.shape}; "
+                         f"got shape {anchors.shape}.")
+    return _run(key, x, contexts, denoiser, sampler, anchors[:n][::-1], mask)[0]

@@ -5,7 +5,11 @@ VAE mid-block attention, CLIP text and vision):
 
 * ``modifier``: an additive score modifier, added to ``q k^T / sqrt(d)`` before the softmax,
   broadcastable to ``(B, H, Lq, Lk)``. A modifier of zeros leaves the result bit-identical
-  (``s + 0 == s``); ``-inf`` (or a large negative value) at a key removes that key.
+  (``s + 0 == s``); ``-inf`` (or a large negative value) at a key removes that key. A modifier
+  may also be a callable ``scores -> additive modifier`` (``scores`` = ``q k^T / sqrt(d)``,
+  ``(B, H, Lq, Lk)`` float32, masked): a modification that depends on the layer's own scores
+  (SOW's min-max modulation, :mod:`zmagic_jax.modulation`), e.g. a pytree with ``__call__``
+  whose numbers are leaves. The scores it reads are computed once more (one extra ``q k^T``).
 * ``mask``: boolean, broadcastable to ``(B, H, Lq, Lk)``, True where a key may be attended
   (CLIP's causal mask). Masked scores become the dtype's lowest value, so a row keeps a defined
   softmax.
@@ -63,6 +67,8 @@ def attention(q, k, v, *, modifier=None, mask=None, return_probs: bool = False,
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention: q, k, v must be (batch, length, heads, head_dim); got "
                          f"{q.shape}, {k.shape}, {v.shape}.")
+    if callable(modifier):
+        modifier = modifier(attention_scores(q, k, mask=mask))
     if return_probs:
         return _explicit(q, k, v, modifier, mask)
     lq = q.shape[1]

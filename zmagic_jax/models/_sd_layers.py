@@ -105,8 +105,8 @@ class Attention(nn.Module):
 
     ``x`` is ``(B, L, C)``, or with ``norm_groups`` set (the VAE's mid-block attention,
     ``group_norm`` + residual connection) ``(B, H, W, C)`` with ``out = x + attn(group_norm(x))``
-    over the ``H W`` positions. ``modifier`` (broadcastable to ``(B, heads, Lq, Lk)``) is added to
-    the scores. With ``record`` the probabilities ``(B, heads, Lq, Lk)`` are sown into the
+    over the ``H W`` positions. ``modifier`` (broadcastable to ``(B, heads, Lq, Lk)``, or a callable
+    of the scores returning one) is added to the scores. With ``record`` the probabilities ``(B, heads, Lq, Lk)`` are sown into the
     ``"attention"`` collection under the name ``layer`` (nothing is computed or stored otherwise).
     """
 

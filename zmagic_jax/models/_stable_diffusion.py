@@ -238,7 +238,8 @@ def _text_states(encoder, params, ids):
 _encode_ids = jax.jit(_text_states, static_argnums=0)
 
 
-def _cfg_params(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_scale, who: str, extra=None) -> dict:
+def _cfg_params(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_scale, who: str, extra=None,
+                modifiers=None) -> dict:
     """Validated params of the CFG denoisers: UNet weights, the ``(2, L, D)`` context
     ``[uncond, cond]``, the scale, the conditioning channels ``(2, h, w, c)`` (``[uncond, cond]``)
     of a UNet that takes them and (v-prediction) the schedule's ``alphas_cumprod``, all leaves."""
@@ -272,6 +273,11 @@ def _cfg_params(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_scal
         params["extra"] = jnp.transpose(extra, (0, 2, 3, 1))  # channels-last once, not in every UNet call
     if sd.prediction_type == "v_prediction":
         params["alphas_cumprod"] = jnp.asarray(sd.schedule.alphas_cumprod)
+    if modifiers:
+        if not isinstance(modifiers, dict):
+            raise ValueError(f"{who}: modifiers must be a dict {{attention layer name: modifier}}; got "
+                             f"{type(modifiers).__name__}.")
+        params["modifiers"] = dict(modifiers)
     return params
 
 
@@ -289,8 +295,8 @@ def _cfg(unet, remat, correction_only, params, x, t):
     channels = int(unet.config.out_channels)
     if x.ndim != 3 or x.shape[0] != channels:
         raise ValueError(f"latent denoiser: x must be one latent ({channels}, h, w); got shape {x.shape}.")
-    call = _rematerialized(lambda p, x, timesteps, context: unet.apply({"params": p}, x, timesteps, context),
-                           remat, "latent denoiser")
+    call = _rematerialized(lambda p, x, timesteps, context, modifiers: unet.apply(
+        {"params": p}, x, timesteps, context, modifiers=modifiers), remat, "latent denoiser")
     # One timestep per batch row; integer like the PyTorch pipelines' (the UNet embeds t as float).
     timesteps = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (2,))
     hwc = jnp.transpose(x, (1, 2, 0))
@@ -301,7 +307,7 @@ def _cfg(unet, remat, correction_only, params, x, t):
             raise ValueError(f"latent denoiser: the conditioning channels {(extra.shape[3],) + tuple(extra.shape[1:3])} "
                              f"must have the latent's size {tuple(x.shape[1:])}.")
         batch = jnp.concatenate([batch, extra.astype(batch.dtype)], -1)
-    out_u, out_c = jnp.transpose(call(params["unet"], batch, timesteps, params["context"]),
+    out_u, out_c = jnp.transpose(call(params["unet"], batch, timesteps, params["context"], params.get("modifiers")),
                                  (0, 3, 1, 2)).astype(x.dtype)
     if "alphas_cumprod" in params:  # v-prediction
         ab = params["alphas_cumprod"][t].astype(x.dtype)
@@ -313,7 +319,7 @@ def _cfg(unet, remat, correction_only, params, x, t):
 
 
 def latent_denoiser(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_scale, *, remat=False,
-                    extra=None) -> Denoiser:
+                    extra=None, modifiers=None) -> Denoiser:
     """Classifier-free-guided noise predictor for ONE latent sample, a :class:`~zmagic_jax.Denoiser`.
 
     ``denoiser(x, t) = eps_u + w (eps_c - eps_u)`` with ``eps_c = UNet(x, t, c)``,
@@ -334,9 +340,13 @@ def latent_denoiser(sd: StableDiffusion, prompt_embeds, uncond_embeds, guidance_
     ``extra``: the conditioning channels of a UNet with more input than output channels (module
     docstring), ``(c, h, w)`` for both branches or ``(2, c, h, w)`` for ``[unconditional,
     conditional]`` (e.g. a blank layout in the first: CFG on the layout); a leaf of the params.
+
+    ``modifiers``: the UNet's attention score modifiers ``{layer name: modifier}`` (arrays, or
+    callables of the scores such as SOW's :func:`zmagic_jax.modulation.region_modulations`), applied to both
+    branches in every call; ``params["modifiers"]``, so their numbers are leaves.
     """
     _rematerialized(lambda: None, remat, "latent_denoiser")
-    params = _cfg_params(sd, prompt_embeds, uncond_embeds, guidance_scale, "latent_denoiser", extra)
+    params = _cfg_params(sd, prompt_embeds, uncond_embeds, guidance_scale, "latent_denoiser", extra, modifiers)
     return Denoiser(static_partial(_cfg, Keyed(sd.unet, repr(sd.unet)), remat, False), params)
 
 

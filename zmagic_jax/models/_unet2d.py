@@ -511,7 +511,9 @@ class UNet2DConditionModel(nn.Module):
       layers sows its probabilities ``(B, heads, Lq, Lk)`` in the ``"attention"`` collection under
       its name (run with ``mutable=["attention"]``, or use :func:`unet_apply`).
     * ``modifiers``: ``{layer name: array broadcastable to (B, heads, Lq, Lk)}`` added to that
-      layer's scores before the softmax (arrays, so one compiled program serves every value).
+      layer's scores before the softmax (arrays, so one compiled program serves every value), or
+      a callable of the layer's scores returning such an array (a pytree whose numbers are
+      leaves, e.g. :class:`zmagic_jax.modulation.RegionModulation`).
     * ``query_chunk``: compute attention over chunks of this many queries (bounds memory at large
       resolutions; must divide the query count of every layer not recorded).
     """
