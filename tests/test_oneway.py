@@ -242,3 +242,47 @@ def test_a_cycle_denoiser_may_depend_on_the_cycle_index():
     with pytest.raises(ValueError, match="cycle_denoiser must be a Denoiser or a function"):
         oneway.one_way_chain(jax.random.PRNGKey(3), start, anchors, mask, ctx, denoiser=den, settings=settings,
                              cycle_denoiser=3)
+
+
+def test_the_default_planner_by_rule():
+    face = np.zeros((3, 256, 256))
+    assert oneway.default_planner(face, None, "a photo of a person at a formal event.", (512, 512)) == oneway.Plan(
+        "a photo of a person at a formal event.", (0, 128, 256, 384), (256, 0, 512, 512))
+    obj = np.zeros((3, 64, 64))
+    assert oneway.default_planner(obj, None, "a red apple", (512, 512)) == oneway.Plan(
+        "a red apple", (224, 224, 288, 288), (192, 192, 320, 320))
+    top, side = np.zeros((1, 8, 16)), np.zeros((1, 16, 8))
+    for kind, piece, box, related in (("top", top, (8, 8, 16, 24), (16, 8, 24, 24)),
+                                      ("bottom", top, (16, 8, 24, 24), (8, 8, 16, 24)),
+                                      ("left", side, (8, 8, 24, 16), (8, 16, 24, 24)),
+                                      ("right", side, (8, 16, 24, 24), (8, 8, 24, 16))):
+        plan = oneway.default_planner(piece, None, "a 3", (32, 32), kind=kind)
+        assert plan == oneway.Plan("a 3", box, related), kind
+        assert plan == oneway.default_planner(piece, None, "a 3", (32, 32), kind=kind)  # deterministic
+    with pytest.raises(ValueError, match="kind must be one of"):
+        oneway.default_planner(top, None, "a 3", (32, 32), kind="middle")
+    with pytest.raises(ValueError, match="needs 16 x 16 of the 12 x 32 canvas"):
+        oneway.default_planner(top, None, "a 3", (12, 32), kind="top")
+
+
+def test_the_planner_hook_is_called_with_the_documented_arguments():
+    calls = []
+    condition, mask = np.ones((1, 8, 16)), np.ones((8, 16))
+
+    def mine(*args, **kwargs):
+        calls.append((args, kwargs))
+        return ("a 3, drawn boldly", (0, 0, 8, 16), (8, 0, 16, 16))
+
+    plan = oneway.plan_layout(condition, mask, "a 3", (32, 32), planner=mine)
+    assert plan == oneway.Plan("a 3, drawn boldly", (0, 0, 8, 16), (8, 0, 16, 16))
+    (args, kwargs), = calls
+    assert kwargs == {} and args[2:] == ("a 3", (32, 32))
+    np.testing.assert_array_equal(args[0], condition)
+    np.testing.assert_array_equal(args[1], mask)
+    bad = [(lambda *a: None, "must return Plan"), (lambda *a: ("", (0, 0, 8, 16), (8, 0, 16, 16)), "non-empty"),
+           (lambda *a: ("p", (0, 0, 8, 40), (8, 0, 16, 16)), "condition_box .* inside the 32 x 32"),
+           (lambda *a: ("p", (0, 0, 8, 16), (8, 8, 8, 16)), "related_box"),
+           (lambda *a: ("p", (0, 0, 9, 16), (8, 0, 16, 16)), "must have the condition's size 8 x 16")]
+    for planner, message in bad:
+        with pytest.raises(ValueError, match=message):
+            oneway.plan_layout(condition, mask, "a 3", (32, 32), planner=planner)

@@ -13,7 +13,7 @@ from zmagic_jax import cli
 from zmagic_jax._io import MARKER, OutputError, atomic_output_dir, check_output_dir, check_output_file, read_marker
 
 # checks that stop before any work: nothing is traced, nothing compiles
-QUICK = ["--no-digits", "--no-canvas", "--dims", "2", "--samples", "16", "--steps", "2"]
+QUICK = ["--no-digits", "--no-canvas", "--no-one-way", "--dims", "2", "--samples", "16", "--steps", "2"]
 
 
 def previous_output(folder, pid=None, content="earlier run"):
@@ -251,8 +251,7 @@ def _start_demo(out):
     # the background (CI runners, `cmd &`) sets SIGINT to "ignore", every child inherits that, and
     # the CLI rightly leaves an ignored SIGINT alone (nohup), so Ctrl-C would never reach the demo.
     # (Set in the child's Python, not by a preexec_fn: forking a multithreaded JAX process is unsafe.)
-    cli_args = ["demo", "--out", str(out), "--overwrite", "--no-digits", "--no-canvas", "--dims", "2", "--samples",
-                "16", "--steps", "2"]
+    cli_args = ["demo", "--out", str(out), "--overwrite", *QUICK]
     code = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
             f"sys.argv = ['zmagic'] + {cli_args!r}; runpy.run_module('zmagic_jax.cli', run_name='__main__')")
     return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -61,12 +61,21 @@ def _demo(args) -> int:
                                                  num_steps=args.canvas_steps)
         except ValueError as err:
             raise ValueError(f"--canvas-count / --canvas-steps: {err}") from err
+    run_one_way = not args.no_one_way
+    if run_one_way:
+        from zmagic_jax.tasks._one_way import RUNS as ONE_WAY_RUNS, OneWayDemoSettings
+
+        try:
+            one_way_settings = OneWayDemoSettings(digit=args.one_way_digit, piece=args.one_way_piece,
+                                                  count=args.one_way_count)
+        except ValueError as err:
+            raise ValueError(f"--one-way-digit / --one-way-piece / --one-way-count: {err}") from err
     # The staging folder is made first (so --out is checked and known writable before any work)
     # and swapped in once, at the end.
     with atomic_output_dir(args.out, overwrite=args.overwrite, flag="--out", command="demo") as tmp:
         # checksums first: a damaged file stops here
-        digits = load_digit_models() if run_digits_too or run_canvas else None
-        if run_canvas:
+        digits = load_digit_models() if run_digits_too or run_canvas or run_one_way else None
+        if run_canvas or run_one_way:
             from zmagic_jax.ports import load_canvas_models
             canvas = load_canvas_models()
         with tqdm(desc="zmagic demo: tracing", unit="run", file=sys.stderr) as bar:
@@ -77,7 +86,7 @@ def _demo(args) -> int:
             # releases the interpreter lock while compiling); the runs follow.
             plan = prepare_testbed_demo(settings)
             bar.total = sum(len(item.runs) for item in plan.dims) + (len(DEFAULT_RUNS) if run_digits_too else 0) + \
-                (len(RUNS) if run_canvas else 0) + 1
+                (len(RUNS) if run_canvas else 0) + (len(ONE_WAY_RUNS) if run_one_way else 0) + 1
             bar.refresh()
             if run_digits_too:
                 from zmagic_jax.tasks._digits import prepare_digits, run_digits, save_digits
@@ -85,6 +94,9 @@ def _demo(args) -> int:
             if run_canvas:
                 from zmagic_jax.tasks._canvas_demo import prepare_canvas_demo, run_canvas_demo, save_canvas_demo
                 canvas_plan = prepare_canvas_demo(canvas, digits, canvas_settings)
+            if run_one_way:
+                from zmagic_jax.tasks._one_way import prepare_one_way_demo, run_one_way_demo, save_one_way_demo
+                one_way_plan = prepare_one_way_demo(canvas, digits, one_way_settings)
             bar.set_description("zmagic demo: compiling")
             compile_s = PROGRAMS.compile_pending(workers=2)
             report = write_testbed_demo(Path(tmp), plan, progress, compile_s=compile_s)
@@ -94,6 +106,9 @@ def _demo(args) -> int:
             if run_canvas:
                 canvas_report = run_canvas_demo(canvas, canvas_plan, canvas_settings, progress=progress)
                 save_canvas_demo(Path(tmp) / "canvas", canvas_report, canvas_plan, canvas_settings)
+            if run_one_way:
+                one_way_report = run_one_way_demo(canvas, one_way_plan, one_way_settings, progress=progress)
+                save_one_way_demo(Path(tmp) / "one_way", one_way_report, one_way_plan, one_way_settings)
             bar.update(bar.total - bar.n)
     print(f"\nExact testbed ({settings.sampler}, {settings.num_steps} steps, {settings.num_samples} samples, "
           f"seed {settings.seed}). E = final energy (mean), ED / SW = energy distance / sliced W2 to exact "
@@ -117,9 +132,18 @@ def _demo(args) -> int:
               "evaluator, never used for guidance: digit = it finds the digit, exact = that digit only; box IoU "
               "of the ink's bounding box; FD of evaluator features to real canvases of the digit in the box.")
         print(canvas_table(canvas_report))
+    if run_one_way:
+        from zmagic_jax.tasks._one_way import one_way_table
+
+        s = one_way_settings
+        print(f"\nCOW / SOW on the canvas text model (the {s.piece} half of {s.count} held-out {s.digit}s kept, "
+              f"prompt \"{one_way_plan.prompt}\"; DDIM {s.num_steps}, C = {s.cycles} cycles, CFG {s.cfg:g}). Scores by "
+              "the canvas evaluator: digit found, its probability, FD to the real whole digits; region error = mean "
+              "|change| inside the kept half; seam = mean |difference| of neighbours across the half's border.")
+        print(one_way_table(one_way_report))
     print(f"\ncompiling every program: {compile_s:.0f} s (all at once, 2 threads)")
     print(f"wrote {args.out}/report.json and figures" + (f", {args.out}/digits/" if run_digits_too else "")
-          + (f", {args.out}/canvas/" if run_canvas else ""))
+          + (f", {args.out}/canvas/" if run_canvas else "") + (f", {args.out}/one_way/" if run_one_way else ""))
     return 0
 
 
@@ -310,6 +334,12 @@ def _add_demo(sub) -> None:
     demo.add_argument("--canvas-digit", type=int, default=3, help="digit the canvas text model is prompted for (0..9)")
     demo.add_argument("--canvas-count", type=int, default=24, help="canvases per AMDM-section run (>= 2)")
     demo.add_argument("--canvas-steps", type=int, default=25, help="DDIM steps of the AMDM section (4..1000)")
+    demo.add_argument("--no-one-way", action="store_true",
+                      help="skip the COW / SOW part (the canvas text model; written to OUT/one_way/)")
+    demo.add_argument("--one-way-digit", type=int, default=3, help="class of the held-out digits kept in part (0..9)")
+    demo.add_argument("--one-way-piece", default="top", choices=["top", "bottom", "left", "right"],
+                      help="which half of each digit is the visual condition")
+    demo.add_argument("--one-way-count", type=int, default=8, help="samples per COW / SOW run (>= 2)")
     add_nan_policy(demo)
 
 

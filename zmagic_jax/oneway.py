@@ -330,3 +330,95 @@ def replacement_chain(key, x, anchors, mask, contexts: StepContext, *, denoiser:
         raise ValueError(f"replacement_chain: anchors must hold levels 0..{n - 1} of the state's shape {x.shape}; "
                          f"got shape {anchors.shape}.")
     return _run(key, x, contexts, denoiser, sampler, anchors[:n][::-1], mask)[0]
+
+
+class Plan(NamedTuple):
+    """Where the visual condition goes and what relates to it (SOW's planner): the ``prompt`` to
+    generate with, the ``condition_box`` and the ``related_box`` (the region whose attention to
+    the condition SOW enhances), boxes ``(top, left, bottom, right)`` on the canvas, bottom/right
+    exclusive."""
+
+    prompt: str
+    condition_box: tuple
+    related_box: tuple
+
+
+PLAN_KINDS = ("face", "object", "top", "bottom", "left", "right")
+_FACE_WORDS = frozenset({"face", "faces", "person", "man", "woman", "boy", "girl", "portrait", "people", "child",
+                         "lady", "gentleman", "selfie", "headshot"})
+
+
+def default_planner(condition, mask, prompt: str, canvas_size, *, kind: Optional[str] = None) -> Plan:
+    """The offline, deterministic planner (no model, no network): places a condition of
+    ``condition``'s size ``(C, h, w)`` on a canvas of ``canvas_size (H, W)`` by rule, keeps the
+    prompt as it is. ``kind`` (default: ``"face"`` if the prompt names a person or a face, else
+    ``"object"``):
+
+    * ``"face"``: top centre (the release's 256 px face at (128, 0) of 512); related: the body
+      below it, twice the face's width (clipped), to the bottom of the canvas.
+    * ``"object"``: the centre; related: the condition's box grown by half its size on every side
+      (clipped), its surroundings.
+    * ``"top"`` / ``"bottom"`` / ``"left"`` / ``"right"``: the condition is that half of an object
+      whose other half (of the condition's size) is to be generated: the whole object is centred,
+      the related box is the other half.
+
+    ``mask`` is not used by the rules (it is part of the planner interface, see
+    :func:`plan_layout`)."""
+    who = "default_planner"
+    _, h, w = (int(v) for v in np.shape(condition))
+    height, width = (int(v) for v in canvas_size)
+    if kind is None:
+        words = {word.strip(".,;:!?\"'()").lower() for word in str(prompt).split()}
+        kind = "face" if words & _FACE_WORDS else "object"
+    if kind not in PLAN_KINDS:
+        raise ValueError(f"{who}: kind must be one of {', '.join(PLAN_KINDS)}; got {kind!r}.")
+    whole = {"top": (2 * h, w), "bottom": (2 * h, w), "left": (h, 2 * w), "right": (h, 2 * w)}.get(kind, (h, w))
+    if whole[0] > height or whole[1] > width:
+        raise ValueError(f"{who}: a condition of {h} x {w} as kind {kind!r} needs {whole[0]} x {whole[1]} of the "
+                         f"{height} x {width} canvas; resize the condition or pick another kind.")
+    clip = lambda top, left, bottom, right: (max(0, top), max(0, left), min(height, bottom), min(width, right))
+    if kind == "face":
+        top, left = 0, (width - w) // 2
+        related = clip(h, left - w // 2, height, left + w + w // 2)
+    elif kind == "object":
+        top, left = (height - h) // 2, (width - w) // 2
+        related = clip(top - h // 2, left - w // 2, top + h + h // 2, left + w + w // 2)
+    else:
+        top0, left0 = (height - whole[0]) // 2, (width - whole[1]) // 2
+        top = top0 + (h if kind == "bottom" else 0)
+        left = left0 + (w if kind == "right" else 0)
+        other = {"top": (top + h, left), "bottom": (top0, left), "left": (top, left + w), "right": (top, left0)}[kind]
+        related = (other[0], other[1], other[0] + h, other[1] + w)
+    return Plan(str(prompt), (top, left, top + h, left + w), related)
+
+
+def plan_layout(condition, mask, prompt: str, canvas_size, *, planner: Optional[Callable] = None) -> Plan:
+    """Run a planner and check what it returns. ``planner(condition, mask, prompt, canvas_size)``
+    is called with exactly these arguments: ``condition`` the visual condition ``(C, h, w)``
+    (numpy, channels first, at the seed size), ``mask`` its ``(h, w)`` mask, ``prompt`` the
+    user's text and ``canvas_size`` ``(H, W)``; it returns a :class:`Plan` (or a 3-tuple in its
+    order). Default :func:`default_planner`. A user-supplied planner (for example one that asks
+    a multimodal model in the user's own code; the library makes no network calls) may rewrite
+    the prompt and pick both boxes; the condition box must have the condition's size."""
+    condition = np.asarray(condition)
+    height, width = (int(v) for v in canvas_size)
+    result = (default_planner if planner is None else planner)(condition, np.asarray(mask), prompt, (height, width))
+    try:
+        result = Plan(*result)
+    except TypeError as err:
+        raise ValueError(f"plan_layout: the planner must return Plan(prompt, condition_box, related_box); got "
+                         f"{result!r}.") from err
+    if not isinstance(result.prompt, str) or not result.prompt:
+        raise ValueError(f"plan_layout: the planner's prompt must be a non-empty string; got {result.prompt!r}.")
+    for name in ("condition_box", "related_box"):
+        box = tuple(getattr(result, name))
+        if len(box) != 4 or not all(isinstance(v, (int, np.integer)) for v in box) or not (
+                0 <= box[0] < box[2] <= height and 0 <= box[1] < box[3] <= width):
+            raise ValueError(f"plan_layout: the planner's {name} (top, left, bottom, right) = {box!r} must be "
+                             f"integers inside the {height} x {width} canvas, top < bottom, left < right.")
+    top, left, bottom, right = result.condition_box
+    if (bottom - top, right - left) != condition.shape[1:]:
+        raise ValueError(f"plan_layout: the planner's condition_box is {bottom - top} x {right - left}; it must have "
+                         f"the condition's size {condition.shape[1]} x {condition.shape[2]}.")
+    return Plan(result.prompt, tuple(int(v) for v in result.condition_box),
+                tuple(int(v) for v in result.related_box))

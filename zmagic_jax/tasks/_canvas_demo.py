@@ -235,15 +235,7 @@ def run_canvas_demo(canvas, plan: CanvasPlan, settings: CanvasDemoSettings, *, p
     """Run every traced program (or the runs named in ``only``), score the canvases. Returns
     ``{"rows": {label: scores}, "images": {label: (N, 32, 32)}, "floor": ..., "timing": ...}``."""
     programs = PROGRAMS if programs is None else programs
-    # the real features of every reference (in chunks of `count`, the evaluator program's size)
-    chunks = []
-    for start in range(0, len(plan.real), settings.count):
-        part = plan.real[start:start + settings.count]
-        padded = np.concatenate([part, np.repeat(part[:1], settings.count - len(part), 0)])
-        (_, feats), _, _ = programs.call(_evaluate, (canvas.evaluator.params, jnp.asarray(padded[..., None])),
-                                         {"module": canvas.evaluator.module})
-        chunks.append(np.asarray(feats, np.float64)[:len(part)])
-    real_features = np.concatenate(chunks)
+    real_features = evaluator_features(canvas, plan.real, settings.count, programs)
     rows, images, timing = {}, {}, {}
     for name, (fn, args, static) in plan.runs.items():
         if only is not None and name not in only:
@@ -261,17 +253,36 @@ def run_canvas_demo(canvas, plan: CanvasPlan, settings: CanvasDemoSettings, *, p
         timing[name] = {"compile_s": round(compile_s, 2), "run_s": round(run_s, 2)}
         if progress is not None:
             progress(f"canvas: {name}")
-    rng = np.random.default_rng(settings.seed)
-    floors = []
-    half = min(settings.count, len(real_features) // 2)
-    for _ in range(20):
-        order = rng.permutation(len(real_features))
-        floors.append(frechet_distance(real_features[order[:half]], real_features[order[half:]]))
     real_scores = {"box_iou": float(box_iou(plan.real, plan.box).mean()),
                    "ink_in_box": float(ink_in_box(plan.real, plan.box).mean())}
     return {"rows": rows, "images": images, "timing": timing,
-            "floor": {"frechet_real_vs_real": [float(np.mean(floors)), float(np.std(floors))], "size": half,
-                      "references": int(len(real_features)), **real_scores}}
+            "floor": {**frechet_floor(real_features, settings.count, settings.seed), **real_scores}}
+
+
+def evaluator_features(canvas, images, count: int, programs: Programs) -> np.ndarray:
+    """The canvas evaluator's penultimate features (float64) of ``images (N, 32, 32)``, in chunks
+    of ``count`` (the size of the evaluator program the section compiled)."""
+    chunks = []
+    for start in range(0, len(images), count):
+        part = np.asarray(images[start:start + count])
+        padded = np.concatenate([part, np.repeat(part[:1], count - len(part), 0)])
+        (_, feats), _, _ = programs.call(_evaluate, (canvas.evaluator.params, jnp.asarray(padded[..., None])),
+                                         {"module": canvas.evaluator.module})
+        chunks.append(np.asarray(feats, np.float64)[:len(part)])
+    return np.concatenate(chunks)
+
+
+def frechet_floor(real_features, count: int, seed: int) -> dict:
+    """The Frechet distance between two disjoint random halves (at most ``count`` each) of the real
+    features, 20 draws: the floor a real set of a run's size scores."""
+    rng = np.random.default_rng(seed)
+    floors = []
+    half = min(count, len(real_features) // 2)
+    for _ in range(20):
+        order = rng.permutation(len(real_features))
+        floors.append(frechet_distance(real_features[order[:half]], real_features[order[half:]]))
+    return {"frechet_real_vs_real": [float(np.mean(floors)), float(np.std(floors))], "size": half,
+            "references": int(len(real_features))}
 
 
 def canvas_table(report: dict) -> str:
