@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from zmagic_jax._cli_aggregate import add_aggregate, run_aggregate_command
 from zmagic_jax._cli_face import add_convert, add_face, run_convert, run_face
+from zmagic_jax._cli_one_way import add_one_way, run_one_way_command
 
 
 def _table(report: dict) -> str:
@@ -351,15 +352,17 @@ def main(argv=None) -> int:
                                      description="Zero-shot multi-attribute guided diffusion: FreeDoM and Z-Magic "
                                                  "guidance on pretrained diffusion models, without training.")
     parser.add_argument("--version", action="version", version=f"zmagic {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,text-style,face,aggregate,convert}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{demo,text-style,face,aggregate,one-way,convert}")
     _add_demo(sub)
     _add_text_style(sub)
     add_face(sub)
     add_aggregate(sub)
+    add_one_way(sub)
     add_convert(sub)
     args = parser.parse_args(argv)
     commands = {"demo": _demo, "text-style": _text_style, "face": run_face, "aggregate": run_aggregate_command,
-                "convert": run_convert}
+                "one-way": run_one_way_command, "convert": run_convert}
 
     try:  # Ctrl-C and SIGTERM cancel the run: no half-written output is left, nothing is swapped in
         with interrupts_cancel_outputs():

@@ -143,15 +143,18 @@ class OneWayPlan(NamedTuple):
     related: np.ndarray
     real: np.ndarray
     prompt: str
+    compiler_options: Optional[dict] = None
 
 
 def prepare_one_way_demo(canvas, digits, settings: OneWayDemoSettings = OneWayDemoSettings(), *,
-                         programs: Optional[Programs] = None, planner: Optional[Callable] = None) -> OneWayPlan:
+                         programs: Optional[Programs] = None, planner: Optional[Callable] = None,
+                         compiler_options: Optional[dict] = None) -> OneWayPlan:
     """Trace (do not compile) every run's program. ``canvas`` from
     :func:`~zmagic_jax.ports.load_canvas_models`, ``digits`` from
     :func:`~zmagic_jax.ports.load_digit_models` (its held-out digits give the conditions and the
     real references). ``planner``: :func:`~zmagic_jax.oneway.plan_layout`'s hook (default: the
-    rule for the piece)."""
+    rule for the piece). ``compiler_options``: XLA options of the section's programs (kept in the
+    plan for :func:`run_one_way_demo`)."""
     held, labels = np.asarray(digits.heldout_images), np.asarray(digits.heldout_labels)
     tiles = held[labels == settings.digit]
     if len(tiles) < settings.count:
@@ -191,10 +194,10 @@ def prepare_one_way_demo(canvas, digits, settings: OneWayDemoSettings = OneWayDe
             "cow": (_one_way_run, (keys, x, r, contexts, den, cow)),
             "sow": (_one_way_run, (keys, x, r, contexts, modulated, cow))}
     for fn, args in runs.values():
-        programs.lower(fn, args)
+        programs.lower(fn, args, compiler_options=compiler_options)
     programs.lower(_evaluate, (canvas.evaluator.params, jnp.zeros((settings.count, CANVAS, CANVAS, 1))),
                    {"module": canvas.evaluator.module})
-    return OneWayPlan(runs, conditions[:, 0], region[0], related, np.stack(real), plan.prompt)
+    return OneWayPlan(runs, conditions[:, 0], region[0], related, np.stack(real), plan.prompt, compiler_options)
 
 
 def _scores(canvas, images, plan: OneWayPlan, digit: int, real_features, programs) -> dict:
@@ -216,7 +219,7 @@ def run_one_way_demo(canvas, plan: OneWayPlan, settings: OneWayDemoSettings, *,
     real_features = evaluator_features(canvas, plan.real, settings.count, programs)
     rows, images, timing = {}, {}, {}
     for name, (fn, args) in plan.runs.items():
-        out, compile_s, run_s = programs.call(fn, args)
+        out, compile_s, run_s = programs.call(fn, args, compiler_options=plan.compiler_options)
         images[name] = np.clip(np.asarray(out)[:, 0], -1.0, 1.0)
         rows[name] = _scores(canvas, images[name], plan, settings.digit, real_features, programs)
         timing[name] = {"compile_s": round(compile_s, 2), "run_s": round(run_s, 2)}
