@@ -25,11 +25,11 @@ def _tokens(text):
 
 def test_readme_examples_print_what_they_say():
     blocks = BLOCK.findall(README.read_text())
-    assert [name for name, _ in blocks] == ["custom-scheme", "grad-vmap", "amdm"], "the README's tested blocks changed"
+    assert [name for name, _ in blocks] == ["custom-scheme", "grad-vmap", "amdm", "one-way"], "the README's tested blocks changed"
     namespace = {}
     expected = [PRINT.match(line).group(1) for _, code in blocks for line in code.splitlines()
                 if PRINT.match(line)]
-    assert len(expected) == 4
+    assert len(expected) == 5
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         for name, code in blocks:
