@@ -49,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from table2_text_style import IMAGE_SUFFIXES, read_prompts as read_text_style_prompts  # noqa: E402
 from zmagic_jax._io import atomic_write_bytes
 from zmagic_jax.energies import Net, clip_architecture, clip_text_distance, identity_distance, load_clip, \
     text_embedding, with_params
@@ -57,7 +59,6 @@ from zmagic_jax.models import load_stable_diffusion
 from zmagic_jax.tasks._one_way_sd import OneWaySettings, run_one_way
 from zmagic_jax.tasks._outputs import save_png
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 METHODS = ("cow", "sow")
 METRICS = ("id_distance", "text_distance", "region_error")
 METRIC_NOTES = {"id_distance": "1 - cos of ArcFace embeddings: the generated condition box vs the condition",
@@ -66,17 +67,9 @@ METRIC_NOTES = {"id_distance": "1 - cos of ArcFace embeddings: the generated con
 
 
 def read_prompts(path) -> list:
-    """``[(sd_prompt, clip_prompt), ...]`` from a prompts file (``sd | clip`` lines allowed)."""
-    prompts = []
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        sd_prompt, _, clip_prompt = (part.strip() for part in line.partition("|"))
-        prompts.append((sd_prompt, clip_prompt or sd_prompt))
-    if not prompts:
-        raise ValueError(f"--prompts: {path} holds no prompt; write one prompt per line.")
-    return prompts
+    """``[(sd_prompt, clip_prompt), ...]`` from a prompts file (``sd | clip`` lines allowed; the
+    format of ``table2_text_style.py``), the CLIP prompt defaulting to the SD one."""
+    return [(sd_prompt, clip_prompt or sd_prompt) for sd_prompt, clip_prompt in read_text_style_prompts(path)]
 
 
 def face_files(faces, masks=None) -> list:

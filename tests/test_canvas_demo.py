@@ -151,9 +151,10 @@ def test_every_value_is_an_argument(section):
     assert {fn: len(PROGRAMS.compiled(fn)) for fn in before} == before
     again = run_canvas_demo(canvas, plan, settings, only=("text", "layout", "text + box guidance",
                                                           "layout + digit guidance"))
-    # (another program: XLA may order the sums differently, so equal to round-off, not bit for bit)
-    np.testing.assert_allclose(again["images"]["text + box guidance"], again["images"]["text"], atol=1e-4)
-    np.testing.assert_allclose(again["images"]["layout + digit guidance"], again["images"]["layout"], atol=1e-4)
+    # (another program: XLA may order the sums differently, so equal to round-off, not bit for bit;
+    # 25 steps amplify it: one pixel of 8192 was 1.7e-4 apart on jax 0.10.2)
+    np.testing.assert_allclose(again["images"]["text + box guidance"], again["images"]["text"], atol=5e-4)
+    np.testing.assert_allclose(again["images"]["layout + digit guidance"], again["images"]["layout"], atol=5e-4)
     assert not np.array_equal(again["images"]["text"], report["images"]["text"])
 
 
