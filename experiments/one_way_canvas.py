@@ -1,14 +1,14 @@
 """COW / SOW on the embedded canvas text model, beyond the demo's setting: every digit and every
 piece, SOW's strength sweep and the paper's ablation (each part of the modulation switched off).
 
-For each digit 0..9 and piece (top, bottom, left, right): the demo's three runs (replacement,
+For each digit 0..9 and piece (``--pieces``, default top and left): the demo's three runs (replacement,
 COW, SOW at its defaults) on ``--count`` held-out digits of the class, scored as in the demo
 (:mod:`zmagic_jax.tasks._one_way`). Then, on the digits 3 and 7 (top halves), SOW with both
 strengths at 0.1 / 0.3 / 1 / 3 and the ablation at strength 1 (no suppression, no enhancement,
 no temporal decay, no spatial decay, no indicator). Strengths, digits and pieces are leaves of
 the same programs (compiled once); the indicator switch is static (one more program).
 
-    python experiments/one_way_canvas.py [--count 16] [--out experiments/results/one_way_canvas.json]
+    python experiments/one_way_canvas.py [--count 16] [--pieces top left] [--out ...]   # about 15 min
 """
 from __future__ import annotations
 
@@ -47,13 +47,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=16)
     parser.add_argument("--digits", type=int, nargs="+", default=list(range(10)))
+    parser.add_argument("--pieces", nargs="+", default=["top", "left"], choices=PIECES)
     parser.add_argument("--out", default=str(HERE / "results" / "one_way_canvas.json"))
     args = parser.parse_args(argv)
     canvas, digits = load_canvas_models(), load_digit_models()
     start = time.perf_counter()
     result = {"count": args.count, "settings": dataclasses.asdict(OneWayDemoSettings(count=args.count)),
               "by_digit": {}, "sweep": {}, "ablation": {}}
-    for piece in PIECES:
+    for piece in args.pieces:
         for digit in args.digits:
             result["by_digit"][f"{digit} {piece}"] = run(canvas, digits, OneWayDemoSettings(
                 digit=digit, piece=piece, count=args.count))

@@ -65,3 +65,18 @@ from zmagic_jax.tasks._digits import (
     sample_digits,
     save_digits,
 )
+from zmagic_jax.tasks._one_way_sd import (
+    Layout,
+    OneWaySettings,
+    masked_cfg_denoiser,
+    one_way_layout,
+    one_way_report,
+    run_one_way,
+    save_one_way,
+)
+from zmagic_jax.tasks._one_way import (
+    OneWayDemoSettings,
+    prepare_one_way_demo,
+    run_one_way_demo,
+    save_one_way_demo,
+)
