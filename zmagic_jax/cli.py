@@ -312,11 +312,12 @@ def _add_demo(sub) -> None:
 
     demo = sub.add_parser("demo", formatter_class=HelpFormatter,
                           help="every guidance scheme on the exact Gaussian-mixture testbed and on the embedded "
-                               "digits model",
+                               "digits model; AMDM and COW / SOW on the embedded canvas models",
                           description="Run none / independent (FreeDoM) / dependent (Z-Magic Alg. 1) / multi "
                                       "(Z-Magic Alg. 2) on the exact Gaussian-mixture testbed (scored against exact "
-                                      "posterior samples) and on the embedded 16x16 digits DDPM; write report.json, "
-                                      "PNG figures and image grids into --out and print the tables.")
+                                      "posterior samples) and on the embedded 16x16 digits DDPM; AMDM and COW / SOW on "
+                                      "the embedded canvas models; write report.json, PNG figures and image grids into "
+                                      "--out and print the tables.")
     demo.add_argument("--out", default="out/demo", help="output folder (new, empty, or a previous zmagic output "
                                                         "with --overwrite; swapped in at the end)")
     add_overwrite(demo)
