@@ -140,12 +140,14 @@ class RegionModulation:
         return added
 
 
-def _pool(mask: np.ndarray, size: tuple) -> np.ndarray:
-    """``mask (H, W)`` averaged over ``size (h, w)`` cells, kept where at least half inside."""
+def pool_mask(mask, size) -> np.ndarray:
+    """A 0/1 ``mask (H, W)`` on a coarser grid ``size (h, w)`` (dividing ``(H, W)``): a cell is
+    inside when at least half of its pixels are (float32)."""
+    mask = np.asarray(mask)
     big_h, big_w = mask.shape
-    h, w = size
+    h, w = (int(v) for v in size)
     cells = mask.reshape(h, big_h // h, w, big_w // w).mean((1, 3))
-    return (cells >= 0.5).astype(np.float64)
+    return (cells >= 0.5).astype(np.float32)
 
 
 def _check_mask(mask, who: str, name: str) -> np.ndarray:
@@ -184,7 +186,7 @@ def region_modulation(condition, related, resolution, settings: Modulation, *, c
     big_h, big_w = condition.shape
     if big_h % h or big_w % w:
         raise ValueError(f"{who}: the layer's resolution {(h, w)} must divide the canvas's {(big_h, big_w)}.")
-    cond, rel = _pool(condition, (h, w)), _pool(related, (h, w))
+    cond, rel = pool_mask(condition, (h, w)), pool_mask(related, (h, w))
     rows, cols = np.nonzero(condition)
     centre = ((rows.mean() + 0.5) / big_h, (cols.mean() + 0.5) / big_w)
     grid_r, grid_c = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")

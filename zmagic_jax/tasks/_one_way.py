@@ -37,7 +37,7 @@ from zmagic_jax.models import attention_layers, encode_prompt, latent_denoiser
 from zmagic_jax.oneway import default_planner, invert_levels, one_way, one_way_chain, plan_layout, \
     replacement_chain, seed_canvas
 from zmagic_jax.samplers import ddim, step_contexts
-from zmagic_jax.tasks._canvas_demo import _evaluate, evaluator_features, frechet_floor
+from zmagic_jax.tasks._canvas_demo import _evaluate, evaluator_features, frechet_floor, place
 from zmagic_jax.tasks._outputs import save_image_grid
 from zmagic_jax.tasks._recipe import PROGRAMS, Programs, check_choice, check_int, check_positive, format_table, \
     model_grid
@@ -174,11 +174,7 @@ def prepare_one_way_demo(canvas, digits, settings: OneWayDemoSettings = OneWayDe
     # the whole digits: where the planner put the condition, the digit's tile follows from the piece
     top, left = position[0] - (TILE // 2 if settings.piece == "bottom" else 0), \
         position[1] - (TILE // 2 if settings.piece == "right" else 0)
-    real = []
-    for t in tiles:
-        image = -np.ones((CANVAS, CANVAS), np.float32)
-        image[top:top + TILE, left:left + TILE] = np.asarray(t).reshape(TILE, TILE)
-        real.append(image)
+    real = [place(t, (top, left), CANVAS)[0] for t in tiles]
     grid = model_grid(text.schedule, settings.num_steps, "one-way demo")
     contexts = step_contexts(text.schedule, grid)
     keys = jax.random.split(jax.random.PRNGKey(settings.seed), settings.count)

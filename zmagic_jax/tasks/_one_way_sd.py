@@ -53,7 +53,7 @@ import numpy as np
 
 from zmagic_jax._io import atomic_output_dir
 from zmagic_jax.contracts import Denoiser, Keyed, static_partial
-from zmagic_jax.modulation import Modulation, at_cycle, box_mask, region_modulations
+from zmagic_jax.modulation import Modulation, at_cycle, box_mask, pool_mask, region_modulations
 from zmagic_jax.models import StableDiffusion, attention_layers, encode_image, encode_prompt, latent_denoiser, \
     v_to_eps
 from zmagic_jax.oneway import JUMPS, KEEP, PLAN_KINDS, Plan, default_planner, invert_levels, one_way, \
@@ -242,12 +242,6 @@ def _read_condition(image, mask, size):
     return condition.astype(np.float32), (kept > 0.5).astype(np.float32)
 
 
-def _pool(mask: np.ndarray, factor: int) -> np.ndarray:
-    """A pixel mask ``(H, W)`` on the latent grid: a cell is inside when at least half its pixels are."""
-    h, w = mask.shape[0] // factor, mask.shape[1] // factor
-    return (mask.reshape(h, factor, w, factor).mean((1, 3)) >= 0.5).astype(np.float32)
-
-
 def _related_at(condition, mask, prompt, canvas, position, kind):
     """The related box when the user gives the position: the planner rule's related box moved
     with the condition (clipped to the canvas); the ``object`` rule's (the condition's
@@ -319,7 +313,8 @@ def one_way_layout(image, mask, settings: OneWaySettings, image_size, factor: in
     except ValueError as err:
         raise ValueError(f"{who}: mask / seed_size: {err}") from err
     related = box_mask(plan.related_box, (height, width)).astype(np.float32)
-    latent_region, latent_related = _pool(region[0], factor), _pool(related, factor)
+    latent_hw = (height // factor, width // factor)
+    latent_region, latent_related = pool_mask(region[0], latent_hw), pool_mask(related, latent_hw)
     if not latent_region.any():
         raise ValueError(f"{who}: the mask's region covers less than half of every {factor} x {factor} latent cell, "
                          "so no latent cell is kept; mark a larger region or raise seed_size.")
