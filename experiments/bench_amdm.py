@@ -108,10 +108,7 @@ def bench_model(sd, steps: int, batch: int, repeats: int) -> dict:
         x_T = jax.random.normal(jax.random.PRNGKey(1), (batch, 2) + shape)
         args = (keys, x_T, zm.aggregation_contexts(sd.schedule, g, jnp.float32), zm.stack_denoisers(dens[:2]),
                 zm.aggregation(zm.release_steps(2, shape), 0.5, window=(1, n - 1)))
-        jax.clear_caches()  # the timed runs above compiled the same program for --steps
-        start = time.perf_counter()
-        jax.jit(_amdm).lower(*args).compile()
-        compile_s[str(n)] = round(time.perf_counter() - start, 2)
+        compile_s[str(n)] = compile_seconds(_amdm, args)
     out["compile_s_amdm_stacked_K2_by_steps"] = compile_s
     return out
 
@@ -127,16 +124,32 @@ def main(argv=None) -> int:
     result = {"steps": args.steps, "batch": args.batch, "repeats": args.repeats, "cfg": 3.0,
               "window": "every step but the first", "backend": jax.default_backend(),
               "devices": jax.device_count(), "models": {}}
+    return bench_models(args.only, lambda sd: bench_model(sd, args.steps, args.batch, args.repeats), result,
+                        args.out)
+
+
+def bench_models(only, bench, result: dict, out) -> int:
+    """``result["models"][name] = bench(sd)`` for every model named in ``only`` (:func:`_models`),
+    printed as it goes; ``result`` written to ``out`` atomically."""
     with tempfile.TemporaryDirectory() as tmp:
         models = _models(Path(tmp))
-        for name in args.only:
+        for name in only:
             sd, weights = models[name]
             print(f"{name} ({weights}) ...", flush=True)
-            result["models"][name] = {"weights": weights, **bench_model(sd, args.steps, args.batch, args.repeats)}
+            result["models"][name] = {"weights": weights, **bench(sd)}
             print(json.dumps(result["models"][name], indent=1), flush=True)
-    atomic_write_bytes(Path(args.out), json.dumps(result, indent=1).encode())
-    print(f"wrote {args.out}")
+    atomic_write_bytes(Path(out), json.dumps(result, indent=1).encode())
+    print(f"wrote {out}")
     return 0
+
+
+def compile_seconds(fn, args) -> float:
+    """Seconds to lower and compile ``jax.jit(fn)`` for ``args`` on a cold cache (earlier timed
+    runs may have compiled the same program)."""
+    jax.clear_caches()
+    start = time.perf_counter()
+    jax.jit(fn).lower(*args).compile()
+    return round(time.perf_counter() - start, 2)
 
 
 if __name__ == "__main__":

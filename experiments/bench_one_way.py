@@ -21,10 +21,7 @@ Models: ``canvas`` (the embedded canvas text model, 1 x 32 x 32 pixels, attentio
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -36,9 +33,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import zmagic_jax as zm  # noqa: E402
-from bench_amdm import _models  # noqa: E402
+from bench_amdm import bench_models, compile_seconds  # noqa: E402
 from bench_schemes import time_round_robin  # noqa: E402
-from zmagic_jax._io import atomic_write_bytes  # noqa: E402
 from zmagic_jax.models import attention_layers, encode_prompt, latent_denoiser  # noqa: E402
 from zmagic_jax.modulation import Modulation, box_mask, region_modulations  # noqa: E402
 from zmagic_jax.tasks._one_way import _one_way_run, _replace_run  # noqa: E402
@@ -98,10 +94,7 @@ def bench_model(sd, steps: int, cycles: int, batch: int, repeats: int) -> dict:
     compile_s = {}
     for count in (2, 10, 40):
         args = (keys, x, region, contexts, den, zm.oneway.one_way(steps, cycles=count))
-        jax.clear_caches()
-        start = time.perf_counter()
-        jax.jit(_one_way_run).lower(*args).compile()
-        compile_s[str(count)] = round(time.perf_counter() - start, 2)
+        compile_s[str(count)] = compile_seconds(_one_way_run, args)
     out["compile_s_cow_by_cycles"] = compile_s
     return out
 
@@ -117,17 +110,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     result = {"batch": args.batch, "repeats": args.repeats, "cfg": 3.0, "backend": jax.default_backend(),
               "devices": jax.device_count(), "numpy": np.__version__, "jax": jax.__version__, "models": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        models = _models(Path(tmp))
-        for name in args.only:
-            sd, weights = models[name]
-            print(f"{name} ({weights}) ...", flush=True)
-            result["models"][name] = {"weights": weights,
-                                      **bench_model(sd, args.steps, args.cycles, args.batch, args.repeats)}
-            print(json.dumps(result["models"][name], indent=1), flush=True)
-    atomic_write_bytes(Path(args.out), json.dumps(result, indent=1).encode())
-    print(f"wrote {args.out}")
-    return 0
+    return bench_models(args.only, lambda sd: bench_model(sd, args.steps, args.cycles, args.batch, args.repeats),
+                        result, args.out)
 
 
 if __name__ == "__main__":
