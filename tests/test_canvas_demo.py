@@ -161,7 +161,7 @@ def test_every_value_is_an_argument(section):
 def test_the_demo_command_writes_the_section(section, tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--out", str(out), "--no-digits", "--dims", "2", "--samples", "16", "--steps", "2",
-                     "--canvas-count", str(COUNT), "--canvas-steps", str(STEPS), "--no-one-way"]) == 0
+                     "--canvas-count", str(COUNT), "--canvas-steps", str(STEPS), "--no-one-way", "--no-concepts"]) == 0
     printed = capsys.readouterr().out
     assert "AMDM on the canvas models" in printed and "amdm released -> text" in printed
     scores = json.loads((out / "canvas" / "scores.json").read_text())

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.xdist_group("demo")
 from zmagic_jax.tasks import _testbed_demo
 
 # digits: tests/tasks/test_digits.py; canvas (AMDM): tests/test_canvas_demo.py
-ARGS = ["--dims", "2", "--samples", "32", "--steps", "10", "--no-digits", "--no-canvas", "--no-one-way"]
+ARGS = ["--dims", "2", "--samples", "32", "--steps", "10", "--no-digits", "--no-canvas", "--no-one-way", "--no-concepts"]
 FIGURES = {"cosines.png", "energy_curves_d2.png", "samples_d2.png", "landscape_d2.png"}
 
 

@@ -146,7 +146,7 @@ def test_the_demo_command_writes_the_section(section, tmp_path, capsys, monkeypa
     monkeypatch.setattr(_one_way, "run_one_way_demo", lambda canvas, plan, settings, progress: section[1])
     out = tmp_path / "demo"
     assert cli.main(["demo", "--out", str(out), "--no-digits", "--no-canvas", "--dims", "2", "--samples", "16",
-                     "--steps", "2", "--one-way-count", "8", "--one-way-piece", "top"]) == 0
+                     "--steps", "2", "--one-way-count", "8", "--one-way-piece", "top", "--no-concepts"]) == 0
     assert asked == [SETTINGS]
     printed = capsys.readouterr().out
     assert "COW / SOW on the canvas text model" in printed and "real digits" in printed

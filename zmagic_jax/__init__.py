@@ -12,7 +12,9 @@ parameters and a :class:`StepRule` whose numbers are leaves, a scheme its condit
 AMDM (several models sampled together, their states aggregated) has the same three layers:
 :func:`aggregate_step`, :func:`aggregate_chain`, :func:`aggregate_sample`. COW (cyclic one-way
 diffusion, a visual condition kept exact while the rest grows around it) is :mod:`zmagic_jax.oneway`,
-SOW's attention modulation :mod:`zmagic_jax.modulation`.
+SOW's attention modulation :mod:`zmagic_jax.modulation`. Concept learning by EM (tokens and
+latent masks learned together from one image) is :mod:`zmagic_jax.concepts`, on the dense CRF of
+:mod:`zmagic_jax.crf`.
 """
 from zmagic_jax.aggregation import (
     AggregateContext,
@@ -35,7 +37,7 @@ from zmagic_jax.aggregation import (
     slerp,
     stack_denoisers,
 )
-from zmagic_jax import modulation, oneway
+from zmagic_jax import crf, modulation, oneway
 from zmagic_jax.contracts import Denoiser, Energy, static_partial
 from zmagic_jax.geometry import energy_curves, guided_cosines, loss_landscape, mean_guided_cosine
 from zmagic_jax.samplers import (
@@ -92,3 +94,12 @@ from zmagic_jax.step_rules import (
 )
 
 __version__ = "0.4.0"
+
+
+def __getattr__(name):
+    # concepts sits on the Flax models; importing it lazily keeps `import zmagic_jax.samplers` (and
+    # every layer below the models) free of Flax
+    if name == "concepts":
+        import importlib
+        return importlib.import_module("zmagic_jax.concepts")
+    raise AttributeError(f"module 'zmagic_jax' has no attribute {name!r}")

@@ -8,6 +8,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from zmagic_jax._cli_aggregate import add_aggregate, run_aggregate_command
+from zmagic_jax._cli_concepts import add_concepts, run_concepts_command
 from zmagic_jax._cli_face import add_convert, add_face, run_convert, run_face
 from zmagic_jax._cli_one_way import add_one_way, run_one_way_command
 
@@ -71,12 +72,15 @@ def _demo(args) -> int:
                                                   count=args.one_way_count)
         except ValueError as err:
             raise ValueError(f"--one-way-digit / --one-way-piece / --one-way-count: {err}") from err
+    run_concepts = not args.no_concepts
+    if run_concepts:
+        from zmagic_jax.tasks._concepts_demo import DEMO_SETTINGS as concepts_settings
     # The staging folder is made first (so --out is checked and known writable before any work)
     # and swapped in once, at the end.
     with atomic_output_dir(args.out, overwrite=args.overwrite, flag="--out", command="demo") as tmp:
         # checksums first: a damaged file stops here
-        digits = load_digit_models() if run_digits_too or run_canvas or run_one_way else None
-        if run_canvas or run_one_way:
+        digits = load_digit_models() if run_digits_too or run_canvas or run_one_way or run_concepts else None
+        if run_canvas or run_one_way or run_concepts:
             from zmagic_jax.ports import load_canvas_models
             canvas = load_canvas_models()
         with tqdm(desc="zmagic demo: tracing", unit="run", file=sys.stderr) as bar:
@@ -87,7 +91,8 @@ def _demo(args) -> int:
             # releases the interpreter lock while compiling); the runs follow.
             plan = prepare_testbed_demo(settings)
             bar.total = sum(len(item.runs) for item in plan.dims) + (len(DEFAULT_RUNS) if run_digits_too else 0) + \
-                (len(RUNS) if run_canvas else 0) + (len(ONE_WAY_RUNS) if run_one_way else 0) + 1
+                (len(RUNS) if run_canvas else 0) + (len(ONE_WAY_RUNS) if run_one_way else 0) + \
+                (len(concepts_settings.pairs) if run_concepts else 0) + 1
             bar.refresh()
             if run_digits_too:
                 from zmagic_jax.tasks._digits import prepare_digits, run_digits, save_digits
@@ -110,6 +115,10 @@ def _demo(args) -> int:
             if run_one_way:
                 one_way_report = run_one_way_demo(canvas, one_way_plan, one_way_settings, progress=progress)
                 save_one_way_demo(Path(tmp) / "one_way", one_way_report, one_way_plan, one_way_settings)
+            if run_concepts:
+                from zmagic_jax.tasks._concepts_demo import run_concepts_demo, save_concepts_demo
+                concepts_report = run_concepts_demo(canvas, digits, concepts_settings, progress=progress)
+                save_concepts_demo(Path(tmp) / "concepts", concepts_report, concepts_settings)
             bar.update(bar.total - bar.n)
     print(f"\nExact testbed ({settings.sampler}, {settings.num_steps} steps, {settings.num_samples} samples, "
           f"seed {settings.seed}). E = final energy (mean), ED / SW = energy distance / sliced W2 to exact "
@@ -142,9 +151,18 @@ def _demo(args) -> int:
               "the canvas evaluator: digit found, its probability, FD to the real whole digits; region error = mean "
               "|change| inside the kept half; seam = mean |difference| of neighbours across the half's border.")
         print(one_way_table(one_way_report))
+    if run_concepts:
+        from zmagic_jax.tasks._concepts_demo import concepts_table
+
+        s = concepts_settings
+        print(f"\nConcept learning by EM on the canvas text model (two held-out digits and the background on one "
+              f"canvas, learned from the digits' 16 x 16 tiles: {s.iterations} iterations x {s.steps_per_iteration} "
+              f"steps, phase 2 {s.phase2} after {s.phase1_steps}; the full run is experiments/concepts_canvas.py).")
+        print(concepts_table(concepts_report))
     print(f"\ncompiling every program: {compile_s:.0f} s (all at once, 2 threads)")
     print(f"wrote {args.out}/report.json and figures" + (f", {args.out}/digits/" if run_digits_too else "")
-          + (f", {args.out}/canvas/" if run_canvas else "") + (f", {args.out}/one_way/" if run_one_way else ""))
+          + (f", {args.out}/canvas/" if run_canvas else "") + (f", {args.out}/one_way/" if run_one_way else "")
+          + (f", {args.out}/concepts/" if run_concepts else ""))
     return 0
 
 
@@ -312,11 +330,11 @@ def _add_demo(sub) -> None:
 
     demo = sub.add_parser("demo", formatter_class=HelpFormatter,
                           help="every guidance scheme on the exact Gaussian-mixture testbed and on the embedded "
-                               "digits model; AMDM and COW / SOW on the embedded canvas models",
+                               "digits model; AMDM, COW / SOW and concept learning on the embedded canvas models",
                           description="Run none / independent (FreeDoM) / dependent (Z-Magic Alg. 1) / multi "
                                       "(Z-Magic Alg. 2) on the exact Gaussian-mixture testbed (scored against exact "
-                                      "posterior samples) and on the embedded 16x16 digits DDPM; AMDM and COW / SOW on "
-                                      "the embedded canvas models; write report.json, PNG figures and image grids into "
+                                      "posterior samples) and on the embedded 16x16 digits DDPM; AMDM, COW / SOW and "
+                                      "concept learning by EM on the embedded canvas models; write report.json, PNG figures and image grids into "
                                       "--out and print the tables.")
     demo.add_argument("--out", default="out/demo", help="output folder (new, empty, or a previous zmagic output "
                                                         "with --overwrite; swapped in at the end)")
@@ -342,6 +360,8 @@ def _add_demo(sub) -> None:
     demo.add_argument("--one-way-piece", default="top", choices=["top", "bottom", "left", "right"],
                       help="which half of each digit is the visual condition")
     demo.add_argument("--one-way-count", type=int, default=8, help="samples per COW / SOW run (>= 2)")
+    demo.add_argument("--no-concepts", action="store_true",
+                      help="skip the concept-learning part (EM on the canvas text model; written to OUT/concepts/)")
     add_nan_policy(demo)
 
 
@@ -354,16 +374,17 @@ def main(argv=None) -> int:
                                                  "guidance on pretrained diffusion models, without training.")
     parser.add_argument("--version", action="version", version=f"zmagic {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{demo,text-style,face,aggregate,one-way,convert}")
+                                metavar="{demo,text-style,face,aggregate,one-way,concepts,convert}")
     _add_demo(sub)
     _add_text_style(sub)
     add_face(sub)
     add_aggregate(sub)
     add_one_way(sub)
+    add_concepts(sub)
     add_convert(sub)
     args = parser.parse_args(argv)
     commands = {"demo": _demo, "text-style": _text_style, "face": run_face, "aggregate": run_aggregate_command,
-                "one-way": run_one_way_command, "convert": run_convert}
+                "one-way": run_one_way_command, "concepts": run_concepts_command, "convert": run_convert}
 
     try:  # Ctrl-C and SIGTERM cancel the run: no half-written output is left, nothing is swapped in
         with interrupts_cancel_outputs():

@@ -83,7 +83,7 @@ def test_damaged_or_missing_weight_file_gives_a_clear_error(tmp_path, monkeypatc
     out = tmp_path / "demo"
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["demo", "--out", str(out), "--dims", "2", "--samples", "16", "--steps", "4", "--no-canvas",
-                  "--no-one-way"])
+                  "--no-one-way", "--no-concepts"])
     assert exit_info.value.code == 2
     assert "is missing" in capsys.readouterr().err and not out.exists()
 
@@ -155,7 +155,7 @@ def test_demo_writes_the_digits_outputs(models, result, tmp_path, capsys, monkey
     monkeypatch.setattr(digits_task, "run_digits", cached_run)
     out = tmp_path / "demo"
     assert cli.main(["demo", "--out", str(out), "--dims", "2", "--samples", "32", "--steps", "10",
-                     "--digit-seeds", str(len(SEEDS)), "--no-canvas", "--no-one-way"]) == 0
+                     "--digit-seeds", str(len(SEEDS)), "--no-canvas", "--no-one-way", "--no-concepts"]) == 0
     assert asked == [(DigitSettings(seeds=SEEDS), DEFAULT_RUNS)]
     digits = out / "digits"
     labels = [run_label(s, c) for s, c in DEFAULT_RUNS]

@@ -266,9 +266,19 @@ class CLIPTextEmbeddings(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids, position_ids):
+    def __call__(self, input_ids, position_ids, extra_embeddings=None):
         cfg = self.config
-        tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="token_embedding")(input_ids)
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="token_embedding")
+        if extra_embeddings is None:
+            tokens = embed(input_ids)
+        else:
+            # ids vocab_size + i read row i of the extra table; the table's rows are never looked up
+            # for them (no NaN fill, no gradient to the frozen table)
+            extra = jnp.asarray(extra_embeddings)
+            beyond = input_ids >= cfg.vocab_size
+            tokens = jnp.where(beyond[..., None],
+                               extra[jnp.clip(input_ids - cfg.vocab_size, 0, extra.shape[0] - 1)].astype(self.dtype),
+                               embed(jnp.where(beyond, 0, input_ids)))
         positions = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype,
                              name="position_embedding")(position_ids)
         return tokens + positions
@@ -284,16 +294,25 @@ class CLIPTextTransformer(nn.Module):
     mask, in one mask as transformers 5 builds it, so even a row left without keys agrees: it
     attends uniformly to every key;
     Stable Diffusion passes none, so padding is attended); ``position_ids`` ``(B, L)`` or
-    ``(1, L)`` (default ``0 .. L-1``). Returns a :class:`CLIPTransformerOutput`."""
+    ``(1, L)`` (default ``0 .. L-1``); ``extra_embeddings`` ``(N, hidden_size)`` (optional): the
+    input embeddings of the ids ``vocab_size .. vocab_size + N - 1`` (learned concept tokens,
+    :mod:`zmagic_jax.concepts`), a separate table spliced in front of the position embeddings.
+    Returns a :class:`CLIPTransformerOutput`."""
 
     config: CLIPTextConfig
     dtype: Any = jnp.float32
     remat: bool = False
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None) -> CLIPTransformerOutput:
+    def __call__(self, input_ids, attention_mask=None, position_ids=None,
+                 extra_embeddings=None) -> CLIPTransformerOutput:
         cfg = self.config
         input_ids = jnp.asarray(input_ids)
+        if extra_embeddings is not None and (jnp.ndim(extra_embeddings) != 2
+                                             or jnp.shape(extra_embeddings)[1] != cfg.hidden_size):
+            raise ValueError(f"CLIPTextTransformer: extra_embeddings must be (N, {cfg.hidden_size}) rows for the "
+                             f"ids vocab_size ({cfg.vocab_size}) .. vocab_size + N - 1; got shape "
+                             f"{jnp.shape(extra_embeddings)}.")
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(f"CLIPTextTransformer: input_ids must be (batch, length) integers; got "
                              f"{input_ids.dtype} {input_ids.shape}.")
@@ -303,7 +322,7 @@ class CLIPTextTransformer(nn.Module):
                              f"{cfg.max_position_embeddings}; truncate the prompt (the tokenizer's max_length).")
         if position_ids is None:
             position_ids = jnp.arange(length)[None]
-        hidden = CLIPTextEmbeddings(cfg, self.dtype, name="embeddings")(input_ids, position_ids)
+        hidden = CLIPTextEmbeddings(cfg, self.dtype, name="embeddings")(input_ids, position_ids, extra_embeddings)
         causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
         if attention_mask is None:
             mask = causal
@@ -319,7 +338,7 @@ class CLIPTextTransformer(nn.Module):
         last = _layer_norm(cfg, self.dtype, "final_layer_norm")(states[-1])
         if cfg.eos_token_id == 2:
             # configs from before transformers' fix say 2; CLIP's eot is then the largest id
-            pool_at = jnp.argmax(input_ids, axis=-1)
+            pool_at = jnp.argmax(jnp.where(input_ids >= cfg.vocab_size, -1, input_ids), axis=-1)
         else:
             pool_at = jnp.argmax((input_ids == cfg.eos_token_id).astype(jnp.int32), axis=-1)
         return CLIPTransformerOutput(last, last[jnp.arange(batch), pool_at], states)
