@@ -242,3 +242,29 @@ def test_the_e_step_crf_removes_an_isolated_pixel():
     refined = np.asarray(C.masks_from_attention(jnp.asarray(maps), image, 0.5, crf=True))
     assert raw[0, 10, 10] == 1 and refined[0, 10, 10] == 0
     np.testing.assert_array_equal(refined[0], maps[0] * (np.arange(12)[:, None] < 9))
+
+
+def test_prior_preservation_adds_the_class_images_unmasked_loss(sd, image):
+    """With prior weight 0 the loss is the instance loss alone (the class image rides in the same
+    batch without changing it); its prior part is a plain MSE, positive."""
+    from zmagic_jax.models import encode_image
+
+    model = C.concept_model(sd, (8, 8))
+    names = ("<c0>", "<c1>")
+    prompts, selections, sizes = C.union_prompts(names)
+    latents = jnp.stack([encode_image(sd, image), encode_image(sd, image[:, ::-1])])
+    data = C.ConceptData(latents, C.resize_nearest(MASKS, (8, 8)), jnp.asarray(C.tokenize_with_concepts(sd, prompts, names)),
+                         jnp.asarray(selections), jnp.asarray([0, 2]), jnp.asarray([2, 2]),
+                         jnp.asarray(C.concept_token_ids(sd, 2)), jnp.asarray(sd.schedule.alphas_cumprod, jnp.float32))
+    with_prior = data._replace(prior_latents=latents[:1] * 0.5,
+                               prior_ids=jnp.asarray(C.tokenize_with_concepts(sd, ["lower"], names)[0]))
+    trainable = {"tokens": C.init_tokens(sd, count=2, key=jax.random.key(0))}
+    frozen = {"unet": sd.unet_params, "text": sd.text_params}
+    key = jax.random.key(7)
+    loss = jax.jit(lambda *a: C.concept_loss(*a, model=model), compiler_options=FAST_COMPILE)
+    alone, parts = loss(trainable, frozen, data, C.Hyper(), key)
+    zero, zparts = loss(trainable, frozen, with_prior, C.Hyper(prior_weight=0.0), key)
+    one, oparts = loss(trainable, frozen, with_prior, C.Hyper(prior_weight=1.0), key)
+    assert float(parts[2]) == 0.0 and float(zparts[2]) > 0
+    np.testing.assert_allclose(float(zero), float(alone), rtol=1e-5)
+    np.testing.assert_allclose(float(one), float(zero) + float(oparts[2]), rtol=1e-6)

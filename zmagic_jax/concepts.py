@@ -690,9 +690,10 @@ def _checked_image(sd: StableDiffusion, image) -> np.ndarray:
     return image
 
 
-def _fingerprint(settings: ConceptSettings, names, words, image, masks, key) -> str:
+def _fingerprint(settings: ConceptSettings, names, words, arrays: Sequence, key) -> str:
+    """What makes a run: its settings, names, words, input arrays (None for absent) and key."""
     digest = hashlib.sha256(json.dumps([dataclasses.asdict(settings), list(names), words], sort_keys=True).encode())
-    for array in (image, masks, np.asarray(jax.random.key_data(key))):
+    for array in (*arrays, np.asarray(jax.random.key_data(key))):
         digest.update(b"-" if array is None else np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
 
@@ -830,8 +831,8 @@ def learn_concepts(sd: StableDiffusion, image, key: jax.Array, *, count: Optiona
                               hyper_now, key_now, jnp.int32(start), jnp.int32(count_now), model=model,
                               clip=float(settings.clip))
 
-    fingerprint = _fingerprint(settings, names, None if words is None else list(words), image, masks,
-                               key)
+    fingerprint = _fingerprint(settings, [*names, prior_prompt if prior is not None else ""],
+                               None if words is None else list(words), (image, masks, prior_images), key)
     total = settings.total_steps
     phase = 1 if settings.phase1_steps > 0 else 2
     tokens = init_tokens(sd, words=words) if words is not None else init_tokens(sd, count=n, key=k_init)
