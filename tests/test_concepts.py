@@ -268,3 +268,15 @@ def test_prior_preservation_adds_the_class_images_unmasked_loss(sd, image):
     assert float(parts[2]) == 0.0 and float(zparts[2]) > 0
     np.testing.assert_allclose(float(zero), float(alone), rtol=1e-5)
     np.testing.assert_allclose(float(one), float(zero) + float(oparts[2]), rtol=1e-6)
+
+
+def test_unmasked_inversion_moves_random_tokens_before_the_first_e_step(sd, image):
+    """Without masks the first masks come from the E-step; inversion_steps train the tokens on the
+    whole image first, so the first masks and tokens differ from a run without it."""
+    base = dataclasses.replace(SETTINGS, iterations=1, mask_prompts="each")
+    plain = C.learn_concepts(sd, image, jax.random.key(9), count=2, settings=base, compiler_options=FAST_COMPILE)
+    inverted = C.learn_concepts(sd, image, jax.random.key(9), count=2, compiler_options=FAST_COMPILE,
+                                settings=dataclasses.replace(base, inversion_steps=3))
+    assert plain.masks.shape == inverted.masks.shape == (2, 2, 8, 8)
+    assert set(np.unique(inverted.masks)) <= {0.0, 1.0} and np.all(np.isfinite(inverted.losses))
+    assert not np.array_equal(plain.tokens, inverted.tokens)
