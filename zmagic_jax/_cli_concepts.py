@@ -17,7 +17,8 @@ from zmagic_jax._cli_face import FlagError
 _SD_ONLY = (("image", "--image"), ("masks", "--masks"), ("boxes", "--boxes"), ("words", "--words"),
             ("concepts", "--concepts"), ("prompts", "--prompts"))
 _EMBEDDED_ONLY = (("pair", "--pair"),)
-# ConceptSettings fields -> their flags (for the errors the settings raise)
+# ConceptSettings fields set from the flags of the same name (argparse dests) -> their flags, also for
+# the errors the settings raise
 _FIELDS = (("iterations", "--iterations"), ("steps_per_iteration", "--steps-per-iteration"),
            ("phase1_steps", "--phase1-steps"), ("phase2", "--phase2"), ("lora_rank", "--lora-rank"),
            ("mask_timesteps", "--mask-timesteps"))
@@ -68,12 +69,7 @@ def add_concepts(sub) -> None:
 
 
 def _settings(args, base):
-    options = {}
-    for dest, field in (("iterations", "iterations"), ("steps_per_iteration", "steps_per_iteration"),
-                        ("phase1_steps", "phase1_steps"), ("phase2", "phase2"), ("lora_rank", "lora_rank"),
-                        ("mask_timesteps", "mask_timesteps")):
-        if getattr(args, dest) is not None:
-            options[field] = getattr(args, dest)
+    options = {field: getattr(args, field) for field, _ in _FIELDS if getattr(args, field) is not None}
     if args.no_reestimate:
         options["reestimate"] = False
     if args.bf16:
@@ -130,11 +126,6 @@ def _boxes(values, size):
     return boxes
 
 
-def _native_size(folder: str):
-    from zmagic_jax._cli_one_way import _native_size as native
-    return native(folder)
-
-
 def _sample(sd, result, prompts, seed, programs):
     """One image per prompt (DDIM 50, CFG 7.5, as Break-A-Scene's inference), decoded to [-1, 1]."""
     import jax
@@ -166,6 +157,7 @@ def _run_sd(args) -> int:
     import jax
 
     from zmagic_jax import concepts
+    from zmagic_jax._cli_one_way import _native_size
     from zmagic_jax._io import atomic_output_dir, check_output_dir
     from zmagic_jax.models import load_stable_diffusion
     from zmagic_jax.tasks._concepts_demo import save_learned
